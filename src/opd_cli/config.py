@@ -1,0 +1,257 @@
+"""Typed config schema (registered in Hydra's ConfigStore) and start-up checks.
+
+Types and unknown keys are checked by OmegaConf when Hydra composes the config;
+value ranges by ``validate``, which runs from a Hydra callback before the run
+directory is created, so a bad value never touches an existing run directory.
+Every key is documented with a comment in its YAML under ``conf/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from opd_cli.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "demo:student"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: str = "demo:teacher"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    backend: str = "hf"
+    micro_batch_size: int = 64
+
+
+@dataclass
+class LossConfig:
+    objective: str = "topk_lsm"
+    k: int = 32
+    gamma: float = 0.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    dual_clip: float | None = None
+    mask_tokens: list[str] = field(default_factory=list)
+    mask_mode: str = "first"
+    chunk_tokens: int = 1024
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 256
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    dataset: str | None = None
+    path: str | None = None
+    split: str = "train"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    template: str = "{question}"
+    chat_template: bool = False
+    checker: str = "exact"
+    seed: int = 0
+    n_eval: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "torch"
+    device: str = "auto"
+    max_steps: int = 150
+    prompts_per_step: int = 16
+    mini_batches: int = 1
+    micro_batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    resume: bool = False
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    k: int = 4
+    n_problems: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 512
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"
+    project: str = "opd-cli"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoConfig:
+    hidden_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 400
+    teacher_steps: int = 800
+    student_steps: int = 200
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class PathsConfig:
+    models: str = "outputs/models"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+OBJECTIVE_NAMES = ("sampled_token", "topk_lsm")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.objective": OBJECTIVE_NAMES,
+    "loss.mask_mode": ("first", "all"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.backend": ("hf",),
+    "rollout.engine": ("hf",),
+    "task.name": ("arith", "hub"),
+    "task.checker": ("exact", "math_verify"),
+    "trainer.engine": ("torch",),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.lr_schedule": ("constant", "cosine"),
+    "logger.backend": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+AT_LEAST_ONE = [
+    "loss.k",
+    "loss.chunk_tokens",
+    "rollout.n",
+    "rollout.max_new_tokens",
+    "rollout.max_prompt_tokens",
+    "trainer.max_steps",
+    "trainer.prompts_per_step",
+    "trainer.mini_batches",
+    "trainer.micro_batch_size",
+    "teacher.micro_batch_size",
+    "eval.k",
+    "eval.n_problems",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "demo.num_layers",
+    "demo.teacher_steps",
+    "demo.batch_size",
+]
+AT_LEAST_ZERO = ["trainer.save_every", "trainer.warmup_steps", "eval.every", "demo.student_steps", "task.n_eval"]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict | DictConfig) else getattr(cfg, part)
+    return cfg
+
+
+def looks_local(name_or_path: str) -> bool:
+    """A local directory rather than a hub id ("org/name" or "name")."""
+    return (
+        name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or Path(name_or_path).exists()
+    )
+
+
+def validate(cfg: Any) -> None:
+    """Raise ``UserError`` naming the first key whose value is not allowed."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed)}")
+    for key in AT_LEAST_ONE:
+        if _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
+    for key in AT_LEAST_ZERO:
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    for key in ("rollout.top_p", "eval.top_p"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
+    for key in ("rollout.temperature", "eval.temperature", "trainer.lr", "trainer.max_grad_norm"):
+        if not _get(cfg, key) > 0:
+            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if not 0 <= cfg.loss.gamma <= 1:
+        raise UserError(f"loss.gamma: must be in [0, 1], got {cfg.loss.gamma}")
+    for key in ("loss.clip_ratio_low", "loss.clip_ratio_high"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
+        raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
+    if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
+        raise UserError(
+            f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
+        )
+    if cfg.task.name == "hub" and not (cfg.task.dataset or cfg.task.path):
+        raise UserError("task.dataset: a hub task needs task.dataset or task.path")
+    if cfg.task.path and not Path(cfg.task.path).exists():
+        raise UserError(f"task.path: file not found: {cfg.task.path}")
+    if "{question}" not in cfg.task.template:
+        raise UserError("task.template: must contain '{question}'")
+    for key in ("model.name_or_path", "teacher.name_or_path"):
+        value = _get(cfg, key)
+        if value.startswith("demo:"):
+            if value not in ("demo:student", "demo:teacher"):
+                raise UserError(f"{key}: '{value}' is not one of: demo:student, demo:teacher")
+            if cfg.task.name != "arith":
+                raise UserError(f"{key}: the demo models are built for task=arith only")
+        elif looks_local(value) and not Path(value).expanduser().exists():
+            raise UserError(f"{key}: local model path not found: {value}")
+
+
+class ValidateCallback(Callback):
+    """Hydra callback: check the composed config before any run directory is made."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        validate(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        pass  # each job is checked in ``train`` with its sweep values filled in

@@ -1,0 +1,71 @@
+"""Teacher scoring: one forward pass over prompt + response per sequence.
+
+A teacher backend fills a ``TeacherSupport``, flat over the batch's response
+tokens in row-major order (the order ``response_hidden`` uses for the student):
+the teacher's top-K ids and log-probs at each response position and its
+log-prob of each sampled token. ``supplies`` says what a backend can give; an
+objective whose ``teacher_needs`` are not covered is refused at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd_cli.objectives import chunk_bounds, full_logprobs
+from opd_cli.rollout import RolloutBatch
+
+
+@dataclass
+class TeacherSupport:
+    topk_ids: torch.Tensor  # [N, K] long, the teacher's K most likely ids (descending)
+    topk_logprobs: torch.Tensor  # [N, K] float, their log-probs (full-vocabulary normalized)
+    sampled_logprob: torch.Tensor  # [N] float, log q(y_t) of the sampled token
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The [V, d] output embedding; logits = hidden @ W.T (no bias, no soft-capping)."""
+    return model.get_output_embeddings().weight
+
+
+def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states that predict each response token, and those tokens.
+
+    Returns ``h [N, d]`` (the output at position j - 1 predicts token j) and
+    ``y [N]``, flat over ``batch.response_mask`` in row-major order. Positions come
+    from the attention mask, so left padding does not shift them.
+    """
+    device = model.device
+    out = model.base_model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+    ).last_hidden_state
+    target_mask = batch.response_mask[:, 1:].to(device)
+    return out[:, :-1][target_mask], batch.input_ids[:, 1:].to(device)[target_mask]
+
+
+class HFTeacher:
+    """The teacher as an in-process transformers model, scored without gradient."""
+
+    supplies = frozenset({"sampled_logprob", "topk"})
+
+    def __init__(self, model, micro_batch_size: int, chunk_tokens: int) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.micro_batch_size = micro_batch_size
+        self.chunk_tokens = chunk_tokens
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, k: int) -> TeacherSupport:
+        ids, lps, sampled = [], [], []
+        weight = lm_head_weight(self.model)
+        for r0, r1 in chunk_bounds(batch.input_ids.shape[0], self.micro_batch_size):
+            h, y = response_hidden(self.model, batch.select(torch.arange(r0, r1)))
+            for s, e in chunk_bounds(h.shape[0], self.chunk_tokens):
+                logp = full_logprobs(h[s:e], weight)
+                top = logp.topk(k, dim=-1)
+                ids.append(top.indices.cpu())
+                lps.append(top.values.cpu())
+                sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
+        return TeacherSupport(torch.cat(ids), torch.cat(lps), torch.cat(sampled))

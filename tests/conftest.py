@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny tokenizer and tiny random Qwen2 models built from a config."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from opd_cli.demo import build_model, train_tokenizer
+from opd_cli.tasks import arith_problems
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A demo small enough to build in seconds: the integration tests exercise the real
+# build path (tokenizer training, SFT, caching) without waiting for a useful model.
+TINY_DEMO = [
+    "demo.hidden_size=64",
+    "demo.num_layers=1",
+    "demo.teacher_steps=20",
+    "demo.student_steps=5",
+    "demo.vocab_size=300",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    texts = [f"Question: {p.question}\nAnswer: {p.solution}" for p in arith_problems(0, "train", 256)[:2000]]
+    return train_tokenizer(texts, 300)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_tokenizer):
+    cfg = SimpleNamespace(hidden_size=64, num_layers=2, seed=1)
+    torch.manual_seed(1)
+    return build_model(tiny_tokenizer, cfg).eval()

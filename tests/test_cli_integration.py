@@ -1,0 +1,115 @@
+"""The real opd-train CLI end to end on tiny demo models (integration tier)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, TINY_DEMO
+
+pytestmark = pytest.mark.integration
+
+SHORT = [
+    "eval.n_problems=16",
+    "eval.k=2",
+    "eval.every=0",
+    "trainer.prompts_per_step=4",
+    "rollout.n=2",
+    "rollout.max_new_tokens=24",
+    "eval.max_new_tokens=24",
+]
+STEP_KEYS = {
+    "loss",
+    "grad_norm",
+    "pg_clipfrac",
+    "response_clip_ratio",
+    "entropy",
+    "logprob_gap",
+    "overlap_ratio",
+    "response_length",
+    "tokens_per_s",
+    "step_time_s",
+}
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+def opd_train(run_dir, models_dir, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "opd_cli.cli",
+            f"hydra.run.dir={run_dir}",
+            f"paths.models={models_dir}",
+            *TINY_DEMO,
+            *SHORT,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_topk_lsm_two_steps_with_wandb_offline(tmp_path, models_dir):
+    run = tmp_path / "lsm"
+    opd_train(run, models_dir, "trainer.max_steps=2", "loss=topk_lsm", "loss.k=4", "rollout.top_p=0.9")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert STEP_KEYS <= row.keys()
+        assert row["loss"] >= 0 and row["grad_norm"] > 0 and 0 <= row["overlap_ratio"] <= 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary) == {"acc_before", "acc_after", "acc_teacher", "gap_recovery", "step"}
+    assert summary["step"] == 2
+    assert (run / "checkpoints/step_000002/model/model.safetensors").exists()
+    # W&B wrote an offline run holding the logged keys
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert logs and b"logprob_gap" in logs[0].read_bytes()
+    # the demo models were built once into the shared cache
+    assert len(list(models_dir.glob("arith-demo-*/student-*/model.safetensors"))) == 1
+
+
+def test_sampled_token_two_steps(tmp_path, models_dir):
+    run = tmp_path / "st"
+    opd_train(
+        run,
+        models_dir,
+        "trainer.max_steps=2",
+        "loss=sampled_token",
+        "trainer.mini_batches=2",
+        "loss.mask_tokens=[<|endoftext|>]",
+        "loss.mask_mode=all",
+        "logger=none",
+    )
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(STEP_KEYS <= r.keys() for r in rows[1:])
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, models_dir):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["logger=none", "trainer.save_every=2"]
+    opd_train(full, models_dir, "trainer.max_steps=4", *common)
+    opd_train(part, models_dir, "trainer.max_steps=2", *common)
+    opd_train(part, models_dir, "trainer.max_steps=4", "trainer.resume=true", *common)
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a[3:], b[3:], strict=True):
+        for key in ("loss", "grad_norm", "entropy", "logprob_gap", "response_length"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,90 @@
+"""The demo tokenizer and task, and loading problems from local files in hub layouts."""
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from opd_cli.demo import build_model
+from opd_cli.errors import UserError
+from opd_cli.tasks import arith_problems, check_exact, hub_problems, last_boxed, split_held_out
+
+
+def test_tokenizer_reload_keeps_ids(tiny_tokenizer, tiny_model, tmp_path):
+    """Saved beside a Qwen2 config, AutoTokenizer (and vLLM) rebuild it as Qwen2's tokenizer."""
+    tiny_model.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    texts = [p.question + " " + p.solution for p in arith_problems(1, "test", 500)]
+    texts += ["37 + 48 = 85", "  spaces\tand\nnewlines  ", "Ünïcödé 12345 <|im_end|>"]
+    for text in texts:
+        assert reloaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"], text
+
+
+def test_demo_model_has_head_size_64(tiny_tokenizer):
+    from types import SimpleNamespace
+
+    model = build_model(tiny_tokenizer, SimpleNamespace(hidden_size=128, num_layers=1, seed=0))
+    assert model.config.hidden_size // model.config.num_attention_heads == 64
+
+
+def test_arith_split_is_disjoint_and_solutions_are_right():
+    train = arith_problems(0, "train", 256)
+    test = arith_problems(0, "test", 256)
+    assert len(test) == 256 and len(train) == 90 * 90 - 256
+    key = lambda p: p.solution.split("So ")[1]  # noqa: E731  "a+b=\boxed{s}."
+    assert not {key(p) for p in train} & {key(p) for p in test}
+    for p in train[:500] + test:
+        a, b = key(p).split("=")[0].split("+")
+        assert int(a) + int(b) == int(p.answer)
+        assert check_exact(p.solution, p.answer)
+        assert str(a) in p.question and str(b) in p.question
+    assert arith_problems(0, "test", 256) == test  # fixed by seed
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("so \\boxed{12}.", "12"),
+        ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("no box here", None),
+        ("\\boxed{unbalanced", None),
+    ],
+)
+def test_last_boxed(text, want):
+    assert last_boxed(text) == want
+
+
+def test_check_exact():
+    assert check_exact("x \\boxed{ 42 }", "42")
+    assert not check_exact("x \\boxed{41}", "42")
+    assert not check_exact("42", "42")
+
+
+def test_hub_problems_from_local_jsonl_in_dapo_layout(tmp_path):
+    rows = [
+        {
+            "data_source": "math_dapo",
+            "prompt": [{"content": f"Compute {i}+1.", "role": "user"}],
+            "reward_model": {"ground_truth": str(i + 1), "style": "rule"},
+        }
+        for i in range(10)
+    ]
+    path = tmp_path / "dapo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = hub_problems(None, str(path), "train", "prompt.0.content", "reward_model.ground_truth")
+    assert [p.answer for p in problems] == [str(i + 1) for i in range(10)]
+    train, held = split_held_out(problems, 0, 3)
+    assert len(held) == 3 and len(train) == 7 and not set(train) & set(held)
+
+
+def test_hub_problems_bad_rows(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q", "answer": 1}\n{not json\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        hub_problems(None, str(path), "train", "question", "answer")
+    path.write_text('{"question": "q", "answer": 1}\n{"question": "q2"}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl row 1: row has no field 'answer'"):
+        hub_problems(None, str(path), "train", "question", "answer")
+    with pytest.raises(UserError, match="file not found"):
+        hub_problems(None, str(tmp_path / "missing.jsonl"), "train", "question", "answer")

@@ -1,0 +1,63 @@
+"""Rollouts and teacher scoring on a tiny real Qwen2 model, against direct recomputation."""
+
+import torch
+
+from opd_cli.objectives import chunk_bounds
+from opd_cli.rollout import HFRollout
+from opd_cli.teacher import HFTeacher
+
+PROMPTS = ["Question: Ann has 12 pens.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: A box holds 57 coins and more\nA:"]
+
+
+def unpadded_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Log-probs of one unpadded sequence, the obviously-correct way: [len - 1, V]."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits, -1)[:-1]
+
+
+def test_rollout_logprobs_and_teacher_scores_match_unpadded_recomputation(tiny_model, tiny_tokenizer):
+    engine = HFRollout(tiny_model, tiny_tokenizer, max_prompt_tokens=256)
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)
+    k = 5
+    support = HFTeacher(tiny_model, micro_batch_size=2, chunk_tokens=7).score(batch, k)
+    flat = 0
+    for row in range(batch.input_ids.shape[0]):
+        real = batch.attention_mask[row].bool()
+        ids = batch.input_ids[row][real].tolist()  # prompt without its left padding, then the response
+        ref = unpadded_logprobs(tiny_model, ids)
+        resp = batch.response_mask[row][real][1:]
+        targets = torch.tensor(ids[1:])[resp]
+        ref_resp = ref[resp]
+        ref_lp = ref_resp.gather(-1, targets[:, None]).squeeze(-1)
+        n = len(targets)
+        # the sampler's recorded log-probs are the model's full-vocabulary temperature-1 log-probs
+        torch.testing.assert_close(
+            batch.old_logprobs[row][batch.response_mask[row]].double(), ref_lp, atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(support.sampled_logprob[flat : flat + n].double(), ref_lp, atol=1e-4, rtol=0)
+        top = ref_resp.topk(k, dim=-1)
+        torch.testing.assert_close(support.topk_logprobs[flat : flat + n].double(), top.values, atol=1e-4, rtol=0)
+        assert support.topk_ids[flat : flat + n].equal(top.indices)
+        flat += n
+    assert flat == support.sampled_logprob.shape[0]
+
+
+def test_top_p_restricts_samples_to_the_nucleus(tiny_model, tiny_tokenizer):
+    engine = HFRollout(tiny_model, tiny_tokenizer, max_prompt_tokens=256)
+    batch = engine.generate(PROMPTS, n=4, temperature=1.0, top_p=0.3, max_new_tokens=8, seed=1)
+    for row in range(batch.input_ids.shape[0]):
+        ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        ref = unpadded_logprobs(tiny_model, ids)
+        resp = batch.response_mask[row][batch.attention_mask[row].bool()][1:]
+        for pos in resp.nonzero().flatten().tolist():
+            probs = ref[pos].exp()
+            sorted_p, order = probs.sort(descending=True)
+            # the nucleus: the smallest prefix whose mass reaches top_p
+            cut = int((sorted_p.cumsum(0) < 0.3).sum()) + 1
+            assert ids[pos + 1] in order[:cut].tolist()
+
+
+def test_chunk_bounds_cover_exactly():
+    assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert chunk_bounds(0, 3) == []
