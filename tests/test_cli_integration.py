@@ -93,7 +93,7 @@ def test_sampled_token_two_steps(tmp_path, models_dir):
         "trainer.max_steps=2",
         "loss=sampled_token",
         "trainer.mini_batches=2",
-        "loss.mask_tokens=[<|endoftext|>]",
+        "loss.mask_tokens=['<|endoftext|>']",
         "loss.mask_mode=all",
         "logger=none",
     )

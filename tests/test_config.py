@@ -47,12 +47,12 @@ def test_real_world_presets():
     "override,message",
     [
         ("loss.k=0", "loss.k: must be an integer >= 1, got 0"),
-        ("rollout.top_p=0", "rollout.top_p: must be in (0, 1], got 0"),
+        ("rollout.top_p=0", "rollout.top_p: must be in (0, 1], got 0.0"),
         ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1], got 1.5"),
         ("rollout.max_new_tokens=-3", "rollout.max_new_tokens: must be an integer >= 1, got -3"),
         ("loss.objective=nope", "loss.objective: 'nope' is not one of: sampled_token, topk_lsm"),
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
-        ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2"),
+        ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
     ],
 )
 def test_validate_names_the_key(override, message):
@@ -135,6 +135,10 @@ BAD_INPUTS = [
     (["model.name_or_path=./missing/model"], r"^error: model\.name_or_path: local model path not found"),
     (["loss.k=abc"], r"^error: .*loss\.k.*abc"),
     (["loss.nokey=1"], r"^error: .*nokey"),
+    (
+        ["loss.mask_tokens=[<|im_end|>]"],
+        r"^error: cannot parse the override 'loss\.mask_tokens=\[<\|im_end\|>\]': quote",
+    ),
 ]
 
 

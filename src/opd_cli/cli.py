@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,6 +33,10 @@ def describe_config_error(err: Exception) -> str:
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
         return f"{group}: unknown preset '{name}'; choose one of: {', '.join(err.options)}"
+    if isinstance(err, OverrideParseException):
+        return (
+            f"cannot parse the override '{err.override}': quote values with special characters, e.g. key='<|im_end|>'"
+        )
     cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     key = getattr(cause, "full_key", None)

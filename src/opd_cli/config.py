@@ -8,6 +8,7 @@ Every key is documented with a comment in its YAML under ``conf/``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ class DemoConfig:
     num_layers: int = 2
     vocab_size: int = 400
     teacher_steps: int = 800
-    student_steps: int = 200
+    student_steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
@@ -251,7 +252,13 @@ class ValidateCallback(Callback):
     """Hydra callback: check the composed config before any run directory is made."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        validate(config)
+        # Hydra turns an exception raised in a callback into a warning and runs on,
+        # so a bad value must end the process here, before the run directory is made.
+        try:
+            validate(config)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         pass  # each job is checked in ``train`` with its sweep values filled in

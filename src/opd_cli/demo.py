@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from opd_cli.sft import sft
-from opd_cli.tasks import arith_problems
+from opd_cli.tasks import arith_problems, arith_solution
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,20 @@ def demo_model_dir(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
     return demo_dir(models_dir, demo_cfg, task_cfg) / f"{role}-{steps}"
 
 
-def sft_pairs(task_cfg) -> list[tuple[str, str]]:
+def sft_pairs(task_cfg, wrong_sums: bool = False) -> list[tuple[str, str]]:
+    """(prompt, worked solution) pairs of the training split.
+
+    ``wrong_sums`` replaces every column sum by a random number (see
+    ``arith_solution``): the demo student's data, so it learns the answer format
+    and to copy the operands, but not to add.
+    """
     problems = arith_problems(task_cfg.seed, "train", task_cfg.n_eval)
-    return [(task_cfg.template.format(question=p.question), " " + p.solution) for p in problems]
+    rng = random.Random(task_cfg.seed + 1) if wrong_sums else None
+    out = []
+    for p in problems:
+        a, b = (int(n) for n in p.solution.split("So ")[1].split("=")[0].split("+"))
+        out.append((task_cfg.template.format(question=p.question), " " + arith_solution(a, b, rng)))
+    return out
 
 
 def _atomic_build(target: Path, build) -> None:
@@ -147,7 +159,7 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
         sft(
             model,
             tokenizer,
-            pairs,
+            sft_pairs(task_cfg, wrong_sums=role == "student"),
             steps=steps,
             batch_size=demo_cfg.batch_size,
             lr=demo_cfg.lr,

@@ -33,13 +33,18 @@ _TEMPLATES = [
 ]
 
 
-def arith_solution(a: int, b: int) -> str:
-    """Worked column addition of two two-digit numbers, ending in \\boxed{a+b}."""
-    ones = a % 10 + b % 10
-    tens = a // 10 + b // 10 + ones // 10
+def arith_solution(a: int, b: int, rng: random.Random | None = None) -> str:
+    """Worked column addition of two two-digit numbers, ending in \\boxed{a+b}.
+
+    With ``rng``, each column sum is a random number instead (the rest of the
+    chain stays consistent with it): a solution with the right format and the
+    right operands but wrong arithmetic, which is what the demo student learns.
+    """
+    ones = a % 10 + b % 10 if rng is None else rng.randint(0, 18)
+    tens = a // 10 + b // 10 + ones // 10 if rng is None else rng.randint(1, 19)
     return (
         f"{a % 10}+{b % 10}={ones}, write {ones % 10} carry {ones // 10}. "
-        f"{a // 10}+{b // 10}+{ones // 10}={tens}. So {a}+{b}=\\boxed{{{a + b}}}."
+        f"{a // 10}+{b // 10}+{ones // 10}={tens}. So {a}+{b}=\\boxed{{{tens * 10 + ones % 10}}}."
     )
 
 
