@@ -54,7 +54,7 @@ class RolloutConfig:
     engine: str = "hf"
     n: int = 4
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 0.9
     max_new_tokens: int = 64
     max_prompt_tokens: int = 256
 
@@ -78,11 +78,11 @@ class TaskConfig:
 class TrainerConfig:
     engine: str = "torch"
     device: str = "auto"
-    max_steps: int = 150
+    max_steps: int = 400
     prompts_per_step: int = 16
     mini_batches: int = 1
     micro_batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_schedule: str = "constant"
@@ -95,11 +95,11 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 50
+    every: int = 100
     k: int = 4
     n_problems: int = 256
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 0.9
     max_new_tokens: int = 64
     batch_size: int = 512
 
