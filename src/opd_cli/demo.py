@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
-_BUILD_VERSION = 1  # bump when the build recipe changes, so stale caches are not reused
+_BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
