@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from opd_cli.config import register_configs
 from opd_cli.demo import build_model, train_tokenizer
 from opd_cli.tasks import arith_problems
 
@@ -20,6 +22,13 @@ TINY_DEMO = [
     "demo.student_steps=5",
     "demo.vocab_size=300",
 ]
+
+
+def compose_cfg(overrides=()):
+    """The config ``opd-train`` would run with these overrides (Hydra's compose API)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

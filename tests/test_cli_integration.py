@@ -1,13 +1,16 @@
 """The real opd-train CLI end to end on tiny demo models (integration tier)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, TINY_DEMO
+from opd_cli.train import train
+
+from .conftest import REPO, TINY_DEMO, compose_cfg
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,16 @@ STEP_KEYS = {
     "response_length",
     "tokens_per_s",
     "step_time_s",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "overlap_adv",
+    "entropy_gap",
+    "teacher_rank",
+    "repetition",
+    "logprob_gap/bucket_0",
+    "peak_mem_gb",
 }
+LOSS_PRESETS = sorted(p.stem for p in (REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +125,18 @@ def test_resume_matches_uninterrupted_run(tmp_path, models_dir):
     for ra, rb in zip(a[3:], b[3:], strict=True):
         for key in ("loss", "grad_norm", "entropy", "logprob_gap", "response_length"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", LOSS_PRESETS)
+def test_every_loss_preset_runs_two_steps(name, tmp_path, models_dir):
+    """Each preset trains 2 steps on the demo task (in process, the config composed as the CLI does)."""
+    overrides = [f"paths.models={models_dir}", *TINY_DEMO, *SHORT, "eval.n_problems=4", "eval.k=1"]
+    cfg = compose_cfg([*overrides, "logger=none", "trainer.max_steps=2", f"loss={name}", "loss.k=8"])
+    summary = train(cfg, tmp_path)
+    assert summary["step"] == 2
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert STEP_KEYS <= row.keys()
+        assert all(math.isfinite(v) for v in row.values()), row
+        assert row["grad_norm"] > 0

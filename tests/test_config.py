@@ -6,26 +6,19 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opd_cli.config import register_configs, validate
+from opd_cli.config import validate
 from opd_cli.errors import UserError
 
-from .conftest import REPO
+from .conftest import REPO, compose_cfg
 
 CONF = REPO / "conf"
-GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger"]
+GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
 
 
 def presets(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
-
-
-def compose_cfg(overrides=()):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 @pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
@@ -50,7 +43,16 @@ def test_real_world_presets():
         ("rollout.top_p=0", "rollout.top_p: must be in (0, 1], got 0.0"),
         ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1], got 1.5"),
         ("rollout.max_new_tokens=-3", "rollout.max_new_tokens: must be an integer >= 1, got -3"),
-        ("loss.objective=nope", "loss.objective: 'nope' is not one of: sampled_token, topk_lsm"),
+        (
+            "loss.objective=nope",
+            "loss.objective: 'nope' is not one of: sampled_token, sampled_token_is, support_divergence",
+        ),
+        (
+            "loss.support=most",
+            "loss.support: 'most' is not one of: teacher, student, union, intersection, symdiff, full",
+        ),
+        ("loss.tail=true", "loss.tail: a tail bucket needs loss.renormalize=false and loss.support teacher or student"),
+        ("loss.beta=1.5", "loss.beta: must be in [0, 1], got 1.5"),
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
     ],

@@ -1,77 +1,146 @@
-"""Objectives against slow float64 full-vocabulary references, values and gradients."""
+"""Every loss preset against a slow float64 full-vocabulary reference: values and gradients.
+
+The reference works token by token on Python sets of ids and the full
+distributions, straight from the definitions in shared/docs/methods.md; the
+objectives under test work on gathered or chunked tensors from hidden states and
+the LM head.
+"""
+
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from opd_cli.objectives import (
-    SampledToken,
     TokenInputs,
-    TopKLSM,
     discounted_returns,
-    local_support_kl,
+    gather_logits,
+    make_objective,
     ppo_token_loss,
+    repetition,
     student_loss_and_metrics,
+    teacher_rank,
 )
 
-N, V, D = 11, 37, 8
+from .conftest import REPO
+
+N, V, D, DT = 11, 37, 8, 6
+PRESETS = sorted(p.stem for p in Path(REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")
 
 
-def make_inputs(k: int, seed: int = 0, ties: bool = False):
+def preset(name: str, **overrides):
+    base = OmegaConf.load(REPO / "conf/loss/_base.yaml")
+    own = OmegaConf.load(REPO / f"conf/loss/{name}.yaml")
+    own.pop("defaults", None)
+    return OmegaConf.merge(base, own, overrides)
+
+
+def make_inputs(k, seed=0, ties=False, disjoint=False, identity_head=False):
+    """Random student (hidden, head) and teacher (hidden, head), and the batch's TokenInputs.
+
+    ties: six ids share the top teacher logit and four share a student logit.
+    disjoint: the teacher ranks ids in the opposite order to the student, so small
+    top-k sets do not meet. identity_head: W = I, so hidden states are the logits.
+    """
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, D, generator=g)
-    w = torch.randn(V, D, generator=g)
-    t_logits = torch.randn(N, V, generator=g) * 2
+    d = V if identity_head else D
+    h = torch.randn(N, d, generator=g, dtype=torch.float64) * (2 if identity_head else 1)
+    w = torch.eye(V, dtype=torch.float64) if identity_head else torch.randn(V, D, generator=g, dtype=torch.float64)
+    th = torch.randn(N, DT, generator=g, dtype=torch.float64)
+    tw = torch.randn(V, DT, generator=g, dtype=torch.float64) * 1.5
     if ties:
-        t_logits[:, :6] = 3.0  # six-way tie at the top of the teacher's distribution
-    t_logp = torch.log_softmax(t_logits.double(), -1)
+        th = th.abs()
+        tw[0] = tw[0].abs() * 3
+        tw[1:6] = tw[0]  # ids 0-5 tie at the top of every teacher distribution
+        if not identity_head:
+            w[10:14] = w[9]
+    if disjoint:
+        th, tw = h, -w  # teacher logits = -student logits
+    t_logp = torch.log_softmax(th @ tw.T, -1)
     top = t_logp.topk(k, dim=-1)
     y = torch.randint(0, V, (N,), generator=g)
-    old = torch.log_softmax((h @ w.T).double(), -1).gather(-1, y[:, None]).squeeze(-1)
-    old = old + 0.3 * torch.randn(N, generator=g).double()  # a stale policy, so ratios differ from 1
+    old = torch.log_softmax(h @ w.T, -1).gather(-1, y[:, None]).squeeze(-1)
+    old = old + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)  # a stale policy: ratios differ from 1
     x = TokenInputs(
         target=y,
-        weight=(torch.rand(N, generator=g) > 0.2).float(),
-        old_logprob=old.float(),
-        advantage=torch.randn(N, generator=g),
-        teacher_logprob=t_logp.gather(-1, y[:, None]).squeeze(-1).float(),
+        weight=(torch.rand(N, generator=g) > 0.2).double(),
+        position=torch.arange(N) % 5,
+        old_logprob=old,
+        advantage=torch.randn(N, generator=g, dtype=torch.float64),
+        teacher_logprob=t_logp.gather(-1, y[:, None]).squeeze(-1),
         teacher_topk_ids=top.indices,
-        teacher_topk_logprobs=top.values.float(),
+        teacher_topk_logprobs=top.values,
+        teacher_entropy=-(t_logp.exp() * t_logp).sum(-1),
+        teacher_hidden=th,
     )
-    return h, w, x, t_logp
+    return h, w, tw, x, t_logp
 
 
-def ref_topk_lsm(h, w, x):
-    """Full-vocabulary float64 reference: renormalize both sides on the support, token by token."""
-    logits = h.double() @ w.double().T
-    total = torch.zeros((), dtype=torch.float64)
-    for n in range(N):
-        support = torch.zeros(V, dtype=torch.bool)
-        support[x.teacher_topk_ids[n]] = True
-        p = torch.where(support, logits[n].exp(), torch.zeros(()))
-        p = p / p.sum()
-        q = torch.zeros(V, dtype=torch.float64)
-        q[x.teacher_topk_ids[n]] = x.teacher_topk_logprobs[n].double().exp()
-        q = q / q.sum()
-        kl = sum(p[v] * (p[v].log() - q[v].log()) for v in range(V) if support[v])
-        total = total + x.weight[n].double() * kl
-    return total
+def ref_token_loss(logits, t_logp, x, n, cfg):
+    """One token's loss from the definitions: sets of ids, full float64 distributions."""
+    logp = torch.log_softmax(logits, -1)
+    if cfg.objective in ("sampled_token", "sampled_token_is"):
+        a, lp_y = x.advantage[n], logp[x.target[n]]
+        ratio = torch.exp(lp_y - x.old_logprob[n])
+        if cfg.objective == "sampled_token_is":
+            return -ratio * a
+        loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high))
+        return -a * cfg.dual_clip if cfg.dual_clip is not None and a < 0 and loss > -a * cfg.dual_clip else loss
+    k = min(cfg.k, V)
+    s_p = set(logp.detach().topk(k).indices.tolist())
+    s_q = set(x.teacher_topk_ids[n].tolist())
+    support = {
+        "teacher": s_q,
+        "student": s_p,
+        "union": s_p | s_q,
+        "intersection": s_p & s_q,
+        "symdiff": s_p ^ s_q,
+        "full": set(range(V)),
+    }[cfg.support]
+    support = sorted(support)
+    if not support:
+        return logits.sum() * 0
+    if cfg.teacher_values == "exact" or cfg.support == "full":
+        lq = {v: t_logp[n, v] for v in support}
+    else:  # paper C: the teacher's top-K values; the student's own log-prob where the teacher has none
+        lq = {v: t_logp[n, v] if v in s_q else logp[v].detach() for v in support}
+    lp = {v: logp[v] for v in support}
+    if cfg.form == "pg":
+        z = sum(logp[v].detach().exp() for v in support)
+        return -sum((logp[v].detach().exp() / z * (lq[v] - lp[v].detach())) * lp[v] for v in support)
+    if cfg.renormalize:
+        zp = torch.logsumexp(torch.stack([lp[v] for v in support]), 0)
+        zq = torch.logsumexp(torch.stack([lq[v] for v in support]), 0)
+        lp = {v: lp[v] - zp for v in support}
+        lq = {v: lq[v] - zq for v in support}
+    if cfg.direction == "forward" or (cfg.direction == "jsd" and cfg.beta == 0):
+        return sum(lq[v].exp() * (lq[v] - lp[v]) for v in support)
+    if cfg.direction == "jsd" and cfg.beta < 1:
+        b = cfg.beta
+        total = 0
+        for v in support:
+            m = b * lq[v].exp() + (1 - b) * lp[v].exp()
+            total = total + b * lq[v].exp() * (lq[v] - m.log()) + (1 - b) * lp[v].exp() * (lp[v] - m.log())
+        return total
+    if cfg.stop_grad == "log_ratio":
+        loss = sum(lp[v].exp() * (lp[v] - lq[v]).detach() for v in support)
+    elif cfg.stop_grad == "student_log":
+        loss = sum(lp[v].exp() * (lp[v].detach() - lq[v]) for v in support)
+    else:
+        loss = sum(lp[v].exp() * (lp[v] - lq[v]) for v in support)
+    if cfg.tail and len(support) < V:
+        p_tail = 1 - sum(lp[v].exp() for v in support)
+        # the filled teacher values can sum past 1: the teacher's tail is floored at 1e-30 (documented)
+        q_tail = torch.clamp(1 - sum(lq[v].exp() for v in support), min=1e-30)
+        loss = loss + p_tail * (p_tail.log() - q_tail.log())
+    return loss
 
 
-def ref_sampled_token(h, w, x, lo, hi, dual):
-    logp = torch.log_softmax(h.double() @ w.double().T, -1).gather(-1, x.target[:, None]).squeeze(-1)
-    total = torch.zeros((), dtype=torch.float64)
-    clipped = 0.0
-    for n in range(N):
-        a = x.advantage[n].double()
-        r = torch.exp(logp[n] - x.old_logprob[n].double())
-        l1, l2 = -a * r, -a * r.clamp(1 - lo, 1 + hi)
-        loss = torch.maximum(l1, l2)
-        is_clipped = bool(l2 > l1)
-        if dual is not None and a < 0 and loss > -a * dual:
-            loss, is_clipped = -a * dual, True
-        total = total + x.weight[n].double() * loss
-        clipped += float(x.weight[n]) * is_clipped
-    return total, clipped
+def ref_total(h, w, t_logp, x, cfg):
+    logits = h @ w.T
+    return sum(x.weight[n] * ref_token_loss(logits[n], t_logp, x, n, cfg) for n in range(N))
 
 
 def grads(fn, h, w):
@@ -82,55 +151,97 @@ def grads(fn, h, w):
     return out.detach(), h.grad, w.grad
 
 
+def check_preset(name, k, chunk=1024, **kw):
+    cfg = preset(name, k=k)
+    h, w, tw, x, t_logp = make_inputs(k, **kw)
+    obj = make_objective(cfg, tw)
+    got, gh, gw = grads(lambda h, w: student_loss_and_metrics(h, w, x, obj, chunk)[0], h, w)
+    want, rh, rw = grads(lambda h, w: ref_total(h, w, t_logp, x, cfg), h, w)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-9)
+    return got
+
+
+@pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("k", [1, 5, V])
-@pytest.mark.parametrize("chunk", [3, 1024])
-@pytest.mark.parametrize("ties", [False, True])
-def test_topk_lsm_matches_reference(k, chunk, ties):
-    h, w, x, _ = make_inputs(k, ties=ties)
-    got, gh, gw = grads(lambda h, w: student_loss_and_metrics(h, w, x, TopKLSM(), chunk)[0], h, w)
-    want, rh, rw = grads(lambda h, w: ref_topk_lsm(h.double(), w.double(), x), h.double(), w.double())
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
+def test_preset_matches_reference(name, k):
+    check_preset(name, k)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_gradient_wrt_logits(name):
+    """With W = I the hidden states are the logits: the gradient is d loss / d logits."""
+    check_preset(name, 5, identity_head=True)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_with_ties_and_chunks(name):
+    check_preset(name, 5, chunk=3, ties=True)
+
+
+@pytest.mark.parametrize("name", ["topk_intersect_sg_norm", "overlap_only", "nonoverlap_only", "student_topk"])
+def test_preset_with_disjoint_supports(name):
+    """The teacher ranks ids in the student's reverse order: top-3 sets never meet."""
+    loss = check_preset(name, 3, disjoint=True)
+    if name in ("topk_intersect_sg_norm", "overlap_only"):
+        assert loss.item() == 0.0  # the empty intersection contributes nothing
+
+
+def test_masked_tokens_contribute_nothing():
+    cfg = preset("full_rkl")
+    h, w, tw, x, _ = make_inputs(4)
+    obj = make_objective(cfg, tw)
+    x.weight[:] = 0
+    x.weight[3] = 1
+    total, _ = student_loss_and_metrics(h.requires_grad_(True), w, x, obj, 1024)
+    total.backward()
+    assert h.grad[torch.arange(N) != 3].abs().max() == 0
+    assert h.grad[3].abs().max() > 0
 
 
 def test_topk_lsm_is_zero_when_student_matches_teacher_on_support():
-    logits = torch.randn(4, 6)
-    teacher = torch.log_softmax(logits, -1) - 2.0  # same shape on the support, other normalizer
-    torch.testing.assert_close(local_support_kl(logits, teacher), torch.zeros(4), atol=1e-6, rtol=0)
+    h, w, tw, x, _ = make_inputs(6)
+    x.teacher_topk_logprobs = torch.log_softmax(h @ w.T, -1).gather(-1, x.teacher_topk_ids) - 2.0
+    total, _ = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=6)), 1024)
+    assert abs(total.item()) < 1e-12
 
 
-def test_topk_lsm_gradient_wrt_logits_matches_reference():
-    g = torch.Generator().manual_seed(3)
-    z = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    t = torch.log_softmax(torch.randn(5, 7, generator=g, dtype=torch.float64), -1)
-    local_support_kl(z, t).sum().backward()
-    # Closed form: d KL(p||q) / dz_v = p_v (log p_v - log q_v - KL)
-    p = torch.softmax(z.detach(), -1)
-    lp, lq = torch.log_softmax(z.detach(), -1), torch.log_softmax(t, -1)
-    kl = (p * (lp - lq)).sum(-1, keepdim=True)
-    torch.testing.assert_close(z.grad, p * (lp - lq - kl))
+def test_jsd_endpoints_are_the_kls():
+    h, w, tw, x, _ = make_inputs(4)
+    for beta, other in ((0.0, "fkl"), (1.0, "full_rkl")):
+        jsd = student_loss_and_metrics(h, w, x, make_objective(preset("jsd", beta=beta), tw), 1024)[0]
+        kl = student_loss_and_metrics(h, w, x, make_objective(preset(other), tw), 1024)[0]
+        torch.testing.assert_close(jsd, kl)
+
+
+def test_gather_logits_in_small_chunks_matches_dense():
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 13, (9, 3), generator=g)  # repeated ids: dW must accumulate
+    coef = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    from opd_cli.objectives import _GatherLogits
+
+    (coef * _GatherLogits.apply(h, w, ids, 2)).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (coef * (h @ w.T).gather(-1, ids)).sum().backward()
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+    torch.testing.assert_close(gather_logits(h, w, ids), (h @ w.T).gather(-1, ids))
 
 
 @pytest.mark.parametrize("dual", [None, 3.0])
-@pytest.mark.parametrize("chunk", [4, 1024])
-def test_sampled_token_matches_reference(dual, chunk):
-    h, w, x, _ = make_inputs(4, seed=1)
-    obj = SampledToken(0.2, 0.2, dual)
-    clip_sum = {}
-
-    def run(h, w):
-        total, sums = student_loss_and_metrics(h, w, x, obj, chunk)
-        clip_sum["got"] = sums["pg_clipfrac"]
-        return total
-
-    got, gh, gw = grads(run, h, w)
-    want, rh, rw = grads(lambda h, w: ref_sampled_token(h, w, x, 0.2, 0.2, dual)[0], h.double(), w.double())
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gh.double(), rh, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
-    assert clip_sum["got"] == pytest.approx(ref_sampled_token(h, w, x, 0.2, 0.2, dual)[1])
-    assert clip_sum["got"] > 0  # the stale old policy puts some ratios outside the clip range
+def test_sampled_token_clipfrac(dual):
+    cfg = preset("sampled_token", dual_clip=dual)
+    h, w, tw, x, _ = make_inputs(4, seed=1)
+    _, sums = student_loss_and_metrics(h, w, x, make_objective(cfg), 4)
+    logp = torch.log_softmax(h @ w.T, -1).gather(-1, x.target[:, None]).squeeze(-1)
+    _, clipped = ppo_token_loss(logp, x.old_logprob, x.advantage, 0.2, 0.2, dual)
+    want = (clipped.double() * x.weight).sum() / x.weight.sum()
+    assert sums.means()["pg_clipfrac"] == pytest.approx(want.item())
+    assert want > 0  # the stale old policy puts some ratios outside the clip range
 
 
 def test_ppo_clip_by_hand():
@@ -155,16 +266,63 @@ def test_discounted_returns_by_hand():
     )
 
 
-def test_metrics_match_reference():
-    h, w, x, t_logp = make_inputs(5, seed=2)
-    _, sums = student_loss_and_metrics(h, w, x, TopKLSM(), 4)
-    logp = torch.log_softmax(h.double() @ w.double().T, -1)
-    wt = x.weight.double()
-    entropy = -(logp.exp() * logp).sum(-1)
-    gap = x.teacher_logprob.double() - logp.gather(-1, x.target[:, None]).squeeze(-1)
-    overlap = torch.tensor(
-        [len(set(logp[n].topk(5).indices.tolist()) & set(x.teacher_topk_ids[n].tolist())) / 5 for n in range(N)]
-    )
-    assert sums["entropy"] == pytest.approx((wt * entropy).sum().item(), rel=1e-5)
-    assert sums["logprob_gap"] == pytest.approx((wt * gap).sum().item(), rel=1e-5)
-    assert sums["overlap_ratio"] == pytest.approx((wt * overlap.double()).sum().item(), rel=1e-6)
+# --------------------------------------------------------------------------- diagnostics
+
+
+def test_diagnostics_match_reference():
+    k = 5
+    h, w, tw, x, t_logp = make_inputs(k, seed=2)
+    _, sums = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=k)), 4, bucket_tokens=2)
+    got = sums.means()
+    logp = torch.log_softmax(h @ w.T, -1)
+    wt = x.weight
+    rows = {key: [] for key in ("entropy", "gap", "ratio", "mass_p", "mass_q", "egap", "rank")}
+    adv, adv_w = [], []
+    for n in range(N):
+        p, q = logp[n].exp(), t_logp[n].exp()
+        s_p, s_q = set(logp[n].topk(k).indices.tolist()), set(x.teacher_topk_ids[n].tolist())
+        ov = sorted(s_p & s_q)
+        h_p, h_q = -(p * logp[n]).sum(), -(q * t_logp[n]).sum()
+        rows["entropy"].append(h_p)
+        rows["gap"].append(t_logp[n, x.target[n]] - logp[n, x.target[n]])
+        rows["ratio"].append(len(ov) / k)
+        rows["mass_p"].append(sum(p[v] for v in ov) if ov else 0.0)
+        rows["mass_q"].append(sum(q[v] for v in ov) if ov else 0.0)
+        rows["egap"].append(abs(h_q - h_p))
+        ranked = t_logp[n].argsort(descending=True).tolist()
+        r = ranked.index(int(x.target[n])) + 1
+        rows["rank"].append(r if r <= k else k + 1)
+        if ov:
+            zp, zq = sum(p[v] for v in ov), sum(q[v] for v in ov)
+            adv.append(sum(p[v] / zp * (math.log(q[v] / zq) - math.log(p[v] / zp)) for v in ov) / len(ov))
+            adv_w.append(wt[n])
+
+    def mean(vals, weights=wt):
+        return sum(float(a) * float(b) for a, b in zip(vals, weights, strict=True)) / float(sum(weights))
+
+    names = {
+        "entropy": "entropy",
+        "gap": "logprob_gap",
+        "ratio": "overlap_ratio",
+        "mass_p": "overlap_mass_student",
+        "mass_q": "overlap_mass_teacher",
+        "egap": "entropy_gap",
+        "rank": "teacher_rank",
+    }
+    for key, metric in names.items():
+        assert got[metric] == pytest.approx(mean(rows[key]), rel=1e-9), metric
+    assert got["overlap_adv"] == pytest.approx(mean(adv, adv_w), rel=1e-9)
+    for b in range(3):  # positions 0..4 in buckets of 2 tokens
+        sel = [(x.position[n] // 2) == b for n in range(N)]
+        want = mean([g for g, s in zip(rows["gap"], sel, strict=True) if s], [wt[n] for n in range(N) if sel[n]])
+        assert got[f"logprob_gap/bucket_{b}"] == pytest.approx(want, rel=1e-9)
+
+
+def test_teacher_rank_by_hand():
+    ids = torch.tensor([[4, 2, 7], [1, 0, 3]])
+    assert teacher_rank(ids, torch.tensor([7, 9])).tolist() == [3, 4]
+
+
+def test_repetition_by_hand():
+    # "a b c a b c": 3-grams abc bca cab abc -> 3 unique of 4; a response shorter than 3 counts 0
+    assert repetition([[1, 2, 3, 1, 2, 3], [5, 6]]) == pytest.approx((1 - 3 / 4 + 0) / 2)

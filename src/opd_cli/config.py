@@ -38,8 +38,17 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    objective: str = "topk_lsm"
+    name: str = "topk_lsm"
+    objective: str = "support_divergence"
     k: int = 32
+    support: str = "teacher"
+    renormalize: bool = True
+    tail: bool = False
+    stop_grad: str = "none"
+    direction: str = "reverse"
+    beta: float = 0.5
+    form: str = "direct"
+    teacher_values: str = "exact"
     gamma: float = 0.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -47,6 +56,7 @@ class LossConfig:
     mask_tokens: list[str] = field(default_factory=list)
     mask_mode: str = "first"
     chunk_tokens: int = 1024
+    gap_bucket_tokens: int = 1024
 
 
 @dataclass
@@ -78,7 +88,7 @@ class TaskConfig:
 class TrainerConfig:
     engine: str = "torch"
     device: str = "auto"
-    max_steps: int = 400
+    max_steps: int = 600
     prompts_per_step: int = 16
     mini_batches: int = 1
     micro_batch_size: int = 64
@@ -152,9 +162,15 @@ def register_configs() -> None:
 
 # --------------------------------------------------------------------------- validation
 
-OBJECTIVE_NAMES = ("sampled_token", "topk_lsm")
+# supports of the general divergence (objectives.support_slots)
+SUPPORTS = ("teacher", "student", "union", "intersection", "symdiff", "full")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.objective": OBJECTIVE_NAMES,
+    "loss.objective": ("sampled_token", "sampled_token_is", "support_divergence"),
+    "loss.support": SUPPORTS,
+    "loss.stop_grad": ("none", "log_ratio", "student_log"),
+    "loss.direction": ("reverse", "forward", "jsd"),
+    "loss.form": ("direct", "pg"),
+    "loss.teacher_values": ("exact", "topk_fill"),
     "loss.mask_mode": ("first", "all"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
@@ -171,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 AT_LEAST_ONE = [
     "loss.k",
     "loss.chunk_tokens",
+    "loss.gap_bucket_tokens",
     "rollout.n",
     "rollout.max_new_tokens",
     "rollout.max_prompt_tokens",
@@ -194,6 +211,24 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = cfg[part] if isinstance(cfg, dict | DictConfig) else getattr(cfg, part)
     return cfg
+
+
+def check_divergence(loss: Any) -> None:
+    """Combinations of the divergence knobs that have no meaning."""
+    if not 0 <= loss.beta <= 1:
+        raise UserError(f"loss.beta: must be in [0, 1], got {loss.beta}")
+    if loss.objective != "support_divergence":
+        return
+    if loss.tail and (loss.renormalize or loss.support not in ("teacher", "student")):
+        raise UserError("loss.tail: a tail bucket needs loss.renormalize=false and loss.support teacher or student")
+    if loss.tail and (loss.direction != "reverse" or loss.form != "direct"):
+        raise UserError("loss.tail: a tail bucket needs loss.direction=reverse and loss.form=direct")
+    if loss.stop_grad != "none" and (loss.direction != "reverse" or loss.form != "direct"):
+        raise UserError("loss.stop_grad: stop-gradient variants need loss.direction=reverse and loss.form=direct")
+    if loss.form == "pg" and loss.direction != "reverse":
+        raise UserError("loss.form: the policy-gradient form is a reverse KL; set loss.direction=reverse")
+    if loss.support == "full" and loss.teacher_values != "exact":
+        raise UserError("loss.teacher_values: the full support needs the teacher's exact log-probs ('exact')")
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -227,6 +262,7 @@ def validate(cfg: Any) -> None:
             raise UserError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
     if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
+    check_divergence(cfg.loss)
     if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"

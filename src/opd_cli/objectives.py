@@ -1,24 +1,44 @@
 """OPD objectives as pure functions of tensors, and the chunked student pass.
 
-Shapes: N supervised tokens, V vocabulary, K support size, d hidden size.
+Shapes: N supervised tokens, V vocabulary, K support size, M = size of a support
+built from two top-K sets (K or 2K), d hidden size.
+
 The student side is computed from final hidden states ``h [N, d]`` and the LM
 head ``W [V, d]`` (logits = h @ W.T), chunk by chunk over tokens under
-activation checkpointing, so at most one chunk of ``[chunk, V]`` logits exists
-at a time, in the backward pass too. ``topk_lsm`` never forms ``[*, V]`` logits
-for its loss: it gathers the K rows of the head it needs.
+activation checkpointing, so at most one chunk of ``[chunk, V]`` exists at a
+time, in the backward pass too. An objective that renormalizes on a support it
+already knows (teacher top-K) never forms ``[*, V]`` logits: it gathers the K
+rows of the head it needs (``gather_logits``, itself chunked).
 
-Definitions follow ``shared/docs/methods.md``; ``docs/objectives.md`` documents them.
+Every objective except the policy-gradient ones is one ``SupportDivergence``
+with knobs (support, renormalize, tail bucket, stop-gradient, direction, form);
+``conf/loss/*.yaml`` names the papers' settings. Definitions follow
+``shared/docs/methods.md``; ``docs/objectives.md`` lists every preset.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+# A finite stand-in for log(0) on masked support slots: exp() of it is exactly 0,
+# and unlike -inf it keeps 0 * (a - b) finite in the forward and backward pass.
+MASKED_LOG = -1e9
+
 # --------------------------------------------------------------------------- pure math
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half types; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -65,26 +85,158 @@ def ppo_token_loss(
     return loss, clipped
 
 
-def local_support_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Teacher top-K local support matching (paper A, eqs. 6-8), per token.
+class _GatherLogits(torch.autograd.Function):
+    """``logits[n, k] = h[n] . W[ids[n, k]]``, computed ``rows`` tokens at a time.
 
-    Both arguments are [N, K] on the same support ids. Each side is renormalized
-    on the support (a softmax restricted to the K ids), so the full-vocabulary
-    normalizer cancels: ``sum_v p_hat(v) (log p_hat(v) - log q_hat(v))``.
+    Neither pass keeps ``W[ids]`` (``[N, K, d]``) alive: the forward saves only its
+    inputs, and the backward re-gathers a chunk at a time and scatters into ``dW``.
     """
-    log_p = F.log_softmax(student_logits.float(), dim=-1)
-    log_q = F.log_softmax(teacher_logprobs.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, rows):
+        ctx.save_for_backward(hidden, weight, ids)
+        ctx.rows = rows
+        out = hidden.new_empty(ids.shape)
+        for s, e in chunk_bounds(ids.shape[0], rows):
+            out[s:e] = torch.einsum("nd,nkd->nk", hidden[s:e], weight[ids[s:e]])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, ids = ctx.saved_tensors
+        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        d_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad = grad.to(hidden.dtype)
+        for s, e in chunk_bounds(ids.shape[0], ctx.rows):
+            if d_hidden is not None:
+                d_hidden[s:e] = torch.einsum("nk,nkd->nd", grad[s:e], weight[ids[s:e]])
+            if d_weight is not None:
+                rows = grad[s:e, :, None] * hidden[s:e, None, :]
+                d_weight.index_add_(0, ids[s:e].reshape(-1), rows.reshape(-1, hidden.shape[-1]))
+        return d_hidden, d_weight, None, None
 
 
-def gathered_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Logits at given ids only: ``[N, d] x W[ids] [N, K, d] -> [N, K]``."""
-    return torch.einsum("nd,nkd->nk", hidden, weight[ids])
+def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at given ids only, ``[N, d] x W [V, d] at ids [N, K] -> [N, K]``, in ~32 MB chunks."""
+    rows = max(1, (1 << 23) // max(1, ids.shape[-1] * hidden.shape[-1]))
+    return _GatherLogits.apply(hidden, weight, ids, rows)
 
 
 def full_logprobs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-probs of one chunk, ``[c, V]`` in float32."""
-    return F.log_softmax((hidden @ weight.T).float(), dim=-1)
+    """Full-vocabulary log-probs of one chunk, ``[c, V]`` (at least float32)."""
+    return F.log_softmax(upcast(hidden @ weight.T), dim=-1)
+
+
+def log_renormalize(logv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Log of a distribution renormalized on the valid slots; masked slots get ``MASKED_LOG``.
+
+    ``logv`` may be log-probs or raw logits: the normalizer cancels. A row with no
+    valid slot comes back uniform (finite); callers multiply its terms by ``valid``.
+    """
+    return F.log_softmax(logv.masked_fill(~valid, MASKED_LOG), dim=-1).masked_fill(~valid, MASKED_LOG)
+
+
+def membership(ids: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+    """``[c, M]`` bool: whether ``ids[n, m]`` is one of ``among[n, :]``."""
+    return (ids[:, :, None] == among[:, None, :]).any(-1)
+
+
+def support_slots(kind: str, student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support ids ``[c, M]`` and which slots are in the support ``[c, M]`` (each id once).
+
+    teacher: TopK(q); student: TopK(p); intersection: TopK(p) ∩ TopK(q) (slots of
+    the student's list); union and symdiff: the student's list then the teacher's.
+    """
+    if kind == "teacher":
+        return teacher_ids, torch.ones_like(teacher_ids, dtype=torch.bool)
+    if kind == "student":
+        return student_ids, torch.ones_like(student_ids, dtype=torch.bool)
+    s_in_t = membership(student_ids, teacher_ids)
+    if kind == "intersection":
+        return student_ids, s_in_t
+    t_in_s = membership(teacher_ids, student_ids)
+    ids = torch.cat([student_ids, teacher_ids], -1)
+    if kind == "union":
+        return ids, torch.cat([torch.ones_like(s_in_t), ~t_in_s], -1)
+    if kind == "symdiff":
+        return ids, torch.cat([~s_in_t, ~t_in_s], -1)
+    raise ValueError(f"unknown support {kind!r}")
+
+
+def topk_fill(ids: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, fill: torch.Tensor):
+    """Teacher log-probs at ``ids`` from its top-K list; ``fill`` (paper C: the student's) where absent."""
+    match = ids[:, :, None] == teacher_ids[:, None, :]
+    found = (match * teacher_logprobs[:, None, :].to(fill.dtype)).sum(-1)
+    return torch.where(match.any(-1), found, fill)
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """The knobs of ``support_loss``; each ``conf/loss`` preset is one setting of them."""
+
+    support: str = "teacher"  # teacher | student | union | intersection | symdiff | full
+    renormalize: bool = True  # renormalize both sides on the support
+    tail: bool = False  # add the bucket of mass outside the support (un-renormalized only)
+    stop_grad: str = "none"  # none | log_ratio: p sg(log p - log q) | student_log: p (sg(log p) - log q)
+    direction: str = "reverse"  # reverse KL(p||q) | forward KL(q||p) | jsd (generalized JSD, beta)
+    beta: float = 0.5  # jsd only: 0 forward KL, 1 reverse KL
+    form: str = "direct"  # direct: differentiate the divergence | pg: paper B's policy-gradient form
+    teacher_values: str = "exact"  # exact: teacher log-probs at any id | topk_fill: paper C's fill
+
+
+def support_loss(
+    lp: torch.Tensor,
+    lq: torch.Tensor,
+    valid: torch.Tensor,
+    spec: DivergenceSpec,
+    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Per-token divergence ``[c]`` on a support, from log-values at its slots.
+
+    ``lp`` (with gradient) and ``lq`` are ``[c, M]``: full-vocabulary log-probs, or
+    any log-values when ``spec.renormalize`` (the normalizer cancels). ``valid``
+    marks the slots in the support; a token with no valid slot has loss 0.
+    ``tail = (log p_tail, log q_tail)``, each ``[c]``, adds ``p_tail log(p_tail / q_tail)``.
+    """
+    if spec.form == "pg":
+        # paper B's code: A(v) = p_bar(v) (log q(v) - log p(v)) on un-renormalized log-probs,
+        # p_bar renormalized on the support; loss -sum_v sg(A(v)) log p(v)
+        p_bar = log_renormalize(lp.detach(), valid).exp()
+        adv = (p_bar * (lq - lp.detach())).masked_fill(~valid, 0)
+        return -(adv * lp).masked_fill(~valid, 0).sum(-1)
+    if spec.renormalize:
+        lp, lq = log_renormalize(lp, valid), log_renormalize(lq, valid)
+    else:
+        lp, lq = lp.masked_fill(~valid, MASKED_LOG), lq.masked_fill(~valid, MASKED_LOG)
+    p, q = lp.exp(), lq.exp()
+    if spec.direction == "forward" or (spec.direction == "jsd" and spec.beta == 0):
+        terms = q * (lq - lp)
+    elif spec.direction == "jsd" and spec.beta < 1:
+        b = spec.beta
+        lm = torch.logaddexp(lq + math.log(b), lp + math.log(1 - b))  # m = beta q + (1 - beta) p
+        terms = b * q * (lq - lm) + (1 - b) * p * (lp - lm)
+    elif spec.stop_grad == "log_ratio":
+        terms = p * (lp - lq).detach()
+    elif spec.stop_grad == "student_log":
+        terms = p * (lp.detach() - lq)
+    else:
+        terms = p * (lp - lq)
+    loss = terms.masked_fill(~valid, 0).sum(-1)
+    if tail is not None:
+        lp_tail, lq_tail = tail
+        loss = loss + lp_tail.exp() * (lp_tail - lq_tail)
+    return loss
+
+
+def log_tail(logp_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum_{v in ids} p(v))`` exactly, as the logsumexp of the ids not in the support."""
+    outside = torch.ones_like(logp_full, dtype=torch.bool).scatter(-1, ids, False)
+    return logp_full.masked_fill(~outside, MASKED_LOG).logsumexp(-1)
+
+
+def log1m_sum(logv: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum exp(logv))`` along the last dim, floored at 1e-30 (a constant: no gradient)."""
+    return torch.log((1 - logv.exp().sum(-1)).clamp_min(1e-30))
 
 
 # --------------------------------------------------------------------------- token inputs
@@ -100,17 +252,24 @@ class TokenInputs:
 
     target: torch.Tensor  # [N] long, the sampled token y_t
     weight: torch.Tensor  # [N] float, 1 supervised / 0 masked
+    position: torch.Tensor  # [N] long, index of the token within its response (0-based)
     old_logprob: torch.Tensor  # [N] float, log pi_old(y_t) from the sampler
     advantage: torch.Tensor  # [N] float, discounted reward-to-go (policy-gradient objectives)
     teacher_logprob: torch.Tensor  # [N] float, log q(y_t)
     teacher_topk_ids: torch.Tensor  # [N, K] long
     teacher_topk_logprobs: torch.Tensor  # [N, K] float, full-vocabulary normalized
+    teacher_entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
+    teacher_hidden: torch.Tensor | None = None  # [N, d_t], when the objective needs the full q_t
 
     def slice(self, start: int, stop: int) -> TokenInputs:
-        return TokenInputs(**{f.name: getattr(self, f.name)[start:stop] for f in fields(self)})
+        return TokenInputs(**{f.name: _apply(getattr(self, f.name), lambda t: t[start:stop]) for f in fields(self)})
 
     def to(self, device: torch.device) -> TokenInputs:
-        return TokenInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TokenInputs(**{f.name: _apply(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
+
+
+def _apply(t, fn):
+    return None if t is None else fn(t)
 
 
 # --------------------------------------------------------------------------- objectives
@@ -119,13 +278,15 @@ class TokenInputs:
 class Objective:
     """A per-token loss of the student's hidden states against the teacher.
 
-    ``teacher_needs`` names what the teacher must supply (see teacher.py).
+    ``teacher_needs`` names what the teacher must supply: ``sampled_logprob``
+    (log q of the sampled token), ``topk`` (top-K ids and log-probs), ``full``
+    (log-probs at any id: the in-process teacher's hidden states and head).
     ``token_loss`` returns the per-token loss [c] and a per-token bool [c] that is
-    True where a clipped branch was taken (all False for non-PG objectives).
+    True where a clipped branch was taken (all False for non-clipped objectives).
     """
 
     name: str = ""
-    teacher_needs: frozenset[str] = frozenset()
+    teacher_needs: frozenset[str] = frozenset({"sampled_logprob", "topk"})
 
     def token_loss(
         self, hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs
@@ -134,86 +295,207 @@ class Objective:
 
 
 @dataclass
-class SampledToken(Objective):
-    """Sampled-token OPD: PPO on reward ``log q(y) - log pi_old(y)`` (``x.advantage``)."""
+class PolicyGradient(Objective):
+    """Sampled-token OPD on the reward ``log q(y) - log pi_old(y)`` (``x.advantage``).
 
+    ``clip=True``: PPO clipped surrogate (optional dual clip); ``clip=False``: the
+    importance-sampling form ``-rho A`` (Tinker).
+    """
+
+    name: str = "sampled_token"
+    clip: bool = True
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
-    name = "sampled_token"
-    teacher_needs = frozenset({"sampled_logprob"})
 
     def token_loss(self, hidden, weight, x):
         logp = full_logprobs(hidden, weight).gather(-1, x.target[:, None]).squeeze(-1)
-        return ppo_token_loss(logp, x.old_logprob, x.advantage, self.clip_low, self.clip_high, self.dual_clip)
-
-
-@dataclass
-class TopKLSM(Objective):
-    """Teacher top-K local support matching; gathers K head rows, never [*, V] logits."""
-
-    name = "topk_lsm"
-    teacher_needs = frozenset({"topk"})
-
-    def token_loss(self, hidden, weight, x):
-        logits = gathered_logits(hidden, weight, x.teacher_topk_ids)
-        loss = local_support_kl(logits, x.teacher_topk_logprobs)
+        if self.clip:
+            return ppo_token_loss(logp, x.old_logprob, x.advantage, self.clip_low, self.clip_high, self.dual_clip)
+        loss = -torch.exp(logp - x.old_logprob) * x.advantage
         return loss, torch.zeros_like(loss, dtype=torch.bool)
 
 
-OBJECTIVES = {"sampled_token": SampledToken, "topk_lsm": TopKLSM}
+class SupportDivergence(Objective):
+    """One divergence between student and teacher on a support (see ``DivergenceSpec``).
+
+    Memory: with the teacher's support and renormalization only the K gathered
+    logits exist; otherwise one ``[chunk, V]`` block of student log-probs (with
+    gradient when the full normalizer is needed) and, for ``exact`` teacher values
+    off the teacher's top-K, one ``[chunk, V]`` block of teacher log-probs (no gradient).
+    """
+
+    def __init__(self, spec: DivergenceSpec, k: int, name: str = "", teacher_head: torch.Tensor | None = None):
+        self.spec, self.k, self.name = spec, k, name or "support_divergence"
+        self.teacher_head = teacher_head
+        s = spec.support
+        self.gathered_only = s == "teacher" and spec.renormalize and spec.form == "direct"
+        # the student's full normalizer (with gradient) is needed unless both sides are renormalized
+        # on the support, or paper C's fill puts student log-probs among the teacher's values
+        self.needs_normalizer = (
+            s == "full"
+            or spec.form == "pg"
+            or not spec.renormalize
+            or (spec.teacher_values == "topk_fill" and s in ("student", "union", "symdiff"))
+        )
+        full_q = s == "full" or (spec.teacher_values == "exact" and s != "teacher" and s != "intersection")
+        self.teacher_needs = Objective.teacher_needs | ({"full"} if full_q else set())
+
+    def teacher_logprobs(self, x: TokenInputs) -> torch.Tensor:
+        """The teacher's full log-probs for this chunk (no gradient)."""
+        if x.teacher_hidden is None or self.teacher_head is None:
+            raise RuntimeError(f"{self.name} needs the teacher's hidden states and head")
+        with torch.no_grad():
+            return full_logprobs(x.teacher_hidden, self.teacher_head)
+
+    def token_loss(self, hidden, weight, x):
+        spec = self.spec
+        t_ids, t_lps = x.teacher_topk_ids, upcast(x.teacher_topk_logprobs)
+        if self.gathered_only:
+            lp = upcast(gather_logits(hidden, weight, t_ids))
+            loss = support_loss(lp, t_lps.to(lp.dtype), torch.ones_like(t_ids, dtype=torch.bool), spec)
+            return loss, torch.zeros_like(loss, dtype=torch.bool)
+        if self.needs_normalizer:
+            logp_full = full_logprobs(hidden, weight)
+        else:
+            with torch.no_grad():
+                logp_full = full_logprobs(hidden, weight)
+        if spec.support == "full":
+            lp, lq = logp_full, self.teacher_logprobs(x).to(logp_full.dtype)
+            valid = torch.ones_like(lp, dtype=torch.bool)
+            loss = support_loss(lp, lq, valid, spec)
+            return loss, torch.zeros_like(loss, dtype=torch.bool)
+        s_ids = logp_full.detach().topk(min(self.k, logp_full.shape[-1]), dim=-1).indices
+        ids, valid = support_slots(spec.support, s_ids, t_ids)
+        if self.needs_normalizer:
+            lp = logp_full.gather(-1, ids)
+        else:
+            lp = upcast(gather_logits(hidden, weight, ids))
+        if spec.teacher_values == "exact" and spec.support not in ("teacher", "intersection"):
+            lq = self.teacher_logprobs(x).to(lp.dtype).gather(-1, ids)
+        else:  # every slot is in the teacher's top-K, or paper C's fill with the student's log-prob
+            lq = topk_fill(ids, t_ids, t_lps, logp_full.detach().gather(-1, ids))
+        tail = None
+        if spec.tail:
+            lq_tail = log1m_sum(lq.masked_fill(~valid, MASKED_LOG))
+            tail = (log_tail(logp_full, ids), lq_tail)
+        loss = support_loss(lp, lq.to(lp.dtype), valid, spec, tail)
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
 
 
-def make_objective(loss_cfg) -> Objective:
-    if loss_cfg.objective == "sampled_token":
-        return SampledToken(loss_cfg.clip_ratio_low, loss_cfg.clip_ratio_high, loss_cfg.dual_clip)
-    return OBJECTIVES[loss_cfg.objective]()
+def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
+    """The objective a ``loss`` config describes (``teacher_head``: for objectives needing the full q)."""
+    if loss_cfg.objective in ("sampled_token", "sampled_token_is"):
+        return PolicyGradient(
+            name=loss_cfg.name,
+            clip=loss_cfg.objective == "sampled_token",
+            clip_low=loss_cfg.clip_ratio_low,
+            clip_high=loss_cfg.clip_ratio_high,
+            dual_clip=loss_cfg.dual_clip,
+        )
+    spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
+    return SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def teacher_rank(topk_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The teacher's rank of each sampled token: 1..K within its top-K, K + 1 outside."""
+    match = topk_ids == target[:, None]
+    k = topk_ids.shape[-1]
+    return torch.where(match.any(-1), match.float().argmax(-1) + 1, torch.full_like(target, k + 1))
+
+
+def repetition(responses: list[list[int]], n: int = 3) -> float:
+    """Mean over responses of the share of repeated n-grams: ``1 - unique / total`` (0 if shorter than n)."""
+    ratios = []
+    for r in responses:
+        grams = [tuple(r[i : i + n]) for i in range(len(r) - n + 1)]
+        ratios.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+    return sum(ratios) / max(1, len(ratios))
+
+
+class MetricSums:
+    """Weighted sums of per-token diagnostics; each metric is a mean over its own weight."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+
+    def add(self, name: str, values: torch.Tensor, weight: torch.Tensor) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + (values * weight).sum().item()
+        self.weights[name] = self.weights.get(name, 0.0) + weight.sum().item()
+
+    def merge(self, other: MetricSums) -> None:
+        for name in other.sums:
+            self.sums[name] = self.sums.get(name, 0.0) + other.sums[name]
+            self.weights[name] = self.weights.get(name, 0.0) + other.weights[name]
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+
+
+@torch.no_grad()
+def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bucket_tokens: int) -> MetricSums:
+    """Per-token diagnostics of one chunk (methods.md names), without gradient.
+
+    K is the teacher's support size. overlap = TopK(p) ∩ TopK(q); ``overlap_adv`` is
+    the mean over overlap ids of ``p_bar (log q_bar - log p_bar)`` renormalized on the
+    overlap, averaged over tokens whose overlap is not empty.
+    """
+    m = MetricSums()
+    logp = full_logprobs(hidden, weight)
+    w = x.weight
+    entropy = -(logp.exp() * logp).sum(-1)
+    logp_y = logp.gather(-1, x.target[:, None]).squeeze(-1)
+    gap = x.teacher_logprob.to(logp.dtype) - logp_y
+    t_ids, t_lps = x.teacher_topk_ids, x.teacher_topk_logprobs.to(logp.dtype)
+    k = t_ids.shape[-1]
+    in_overlap = membership(t_ids, logp.topk(k, dim=-1).indices)  # [c, K] over the teacher's slots
+    lp_t = logp.gather(-1, t_ids)
+    lp_bar, lq_bar = log_renormalize(lp_t, in_overlap), log_renormalize(t_lps, in_overlap)
+    adv = (lp_bar.exp() * (lq_bar - lp_bar)).masked_fill(~in_overlap, 0).sum(-1)
+    n_overlap = in_overlap.sum(-1).to(logp.dtype)
+    m.add("entropy", entropy, w)
+    m.add("logprob_gap", gap, w)
+    m.add("overlap_ratio", n_overlap / k, w)
+    m.add("overlap_mass_student", lp_t.exp().masked_fill(~in_overlap, 0).sum(-1), w)
+    m.add("overlap_mass_teacher", t_lps.exp().masked_fill(~in_overlap, 0).sum(-1), w)
+    m.add("overlap_adv", adv / n_overlap.clamp_min(1), w * (n_overlap > 0).to(w.dtype))
+    m.add("entropy_gap", (x.teacher_entropy.to(logp.dtype) - entropy).abs(), w)
+    m.add("teacher_rank", teacher_rank(t_ids, x.target).to(logp.dtype), w)
+    bucket = x.position // bucket_tokens
+    for b in bucket.unique().tolist():
+        m.add(f"logprob_gap/bucket_{b}", gap, w * (bucket == b).to(w.dtype))
+    return m
 
 
 # --------------------------------------------------------------------------- student pass
 
 
-def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-
-
-@torch.no_grad()
-def token_metric_sums(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs) -> dict[str, float]:
-    """Weighted sums over one chunk of the per-token diagnostics (no gradient).
-
-    entropy: H(p_t) over the full vocabulary; logprob_gap: log q(y) - log p(y);
-    overlap_ratio: |TopK(p) ∩ TopK(q)| / K with K the teacher's support size.
-    """
-    logp = full_logprobs(hidden, weight)
-    w = x.weight
-    entropy = -(logp.exp() * logp).sum(-1)
-    logp_y = logp.gather(-1, x.target[:, None]).squeeze(-1)
-    k = x.teacher_topk_ids.shape[-1]
-    student_top = logp.topk(k, dim=-1).indices
-    overlap = (student_top[:, :, None] == x.teacher_topk_ids[:, None, :]).any(-1).sum(-1) / k
-    return {
-        "entropy": (w * entropy).sum().item(),
-        "logprob_gap": (w * (x.teacher_logprob - logp_y)).sum().item(),
-        "overlap_ratio": (w * overlap).sum().item(),
-    }
-
-
 def student_loss_and_metrics(
-    hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, objective: Objective, chunk_tokens: int
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the per-token loss (with gradient) and metric sums.
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    x: TokenInputs,
+    objective: Objective,
+    chunk_tokens: int,
+    bucket_tokens: int = 1024,
+    diagnostics: bool = True,
+) -> tuple[torch.Tensor, MetricSums]:
+    """Weighted sum of the per-token loss (with gradient), and the diagnostics (unless told not to).
 
     Each chunk's loss runs under activation checkpointing: its ``[chunk, V]`` (or
-    ``[chunk, K, d]``) intermediates are freed after the forward and recomputed
-    one chunk at a time in the backward.
+    gathered) intermediates are freed after the forward and recomputed one chunk
+    at a time in the backward.
     """
-    total = hidden.new_zeros((), dtype=torch.float32)
-    sums: dict[str, float] = {"pg_clipfrac": 0.0}
+    total = upcast(hidden).new_zeros(())
+    metrics = MetricSums()
     for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
         xc = x.slice(s, e)
         loss, clipped = checkpoint(objective.token_loss, hidden[s:e], weight, xc, use_reentrant=False)
         total = total + (loss * xc.weight).sum()
-        sums["pg_clipfrac"] += (clipped.float() * xc.weight).sum().item()
-        for key, val in token_metric_sums(hidden[s:e].detach(), weight.detach(), xc).items():
-            sums[key] = sums.get(key, 0.0) + val
-    return total, sums
+        metrics.add("pg_clipfrac", clipped.to(xc.weight.dtype), xc.weight)
+        if diagnostics:
+            metrics.merge(token_metrics(hidden[s:e].detach(), weight.detach(), xc, bucket_tokens))
+    return total, metrics

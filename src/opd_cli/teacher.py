@@ -22,6 +22,8 @@ class TeacherSupport:
     topk_ids: torch.Tensor  # [N, K] long, the teacher's K most likely ids (descending)
     topk_logprobs: torch.Tensor  # [N, K] float, their log-probs (full-vocabulary normalized)
     sampled_logprob: torch.Tensor  # [N] float, log q(y_t) of the sampled token
+    entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
+    hidden: torch.Tensor | None = None  # [N, d_t] final hidden states, when "full" is asked for
 
 
 def lm_head_weight(model) -> torch.Tensor:
@@ -49,23 +51,38 @@ def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Ten
 class HFTeacher:
     """The teacher as an in-process transformers model, scored without gradient."""
 
-    supplies = frozenset({"sampled_logprob", "topk"})
+    supplies = frozenset({"sampled_logprob", "topk", "full"})
 
     def __init__(self, model, micro_batch_size: int, chunk_tokens: int) -> None:
         self.model = model.eval().requires_grad_(False)
         self.micro_batch_size = micro_batch_size
         self.chunk_tokens = chunk_tokens
 
+    @property
+    def head(self) -> torch.Tensor:
+        """The LM head objectives use with ``TeacherSupport.hidden`` for the full ``q_t``."""
+        return lm_head_weight(self.model)
+
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, k: int) -> TeacherSupport:
-        ids, lps, sampled = [], [], []
-        weight = lm_head_weight(self.model)
+    def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:
+        """Top-K, sampled-token log-prob and entropy, ``chunk_tokens`` positions at a time.
+
+        ``keep_hidden`` also returns the final hidden states (``[N, d_t]``, the model's
+        dtype), from which an objective recomputes the full ``q_t`` one chunk at a time.
+        """
+        ids, lps, sampled, entropy, hidden = [], [], [], [], []
+        weight = self.head
+        k = min(k, weight.shape[0])
         for r0, r1 in chunk_bounds(batch.input_ids.shape[0], self.micro_batch_size):
             h, y = response_hidden(self.model, batch.select(torch.arange(r0, r1)))
+            if keep_hidden:
+                hidden.append(h.cpu())
             for s, e in chunk_bounds(h.shape[0], self.chunk_tokens):
                 logp = full_logprobs(h[s:e], weight)
                 top = logp.topk(k, dim=-1)
                 ids.append(top.indices.cpu())
                 lps.append(top.values.cpu())
                 sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
-        return TeacherSupport(torch.cat(ids), torch.cat(lps), torch.cat(sampled))
+                entropy.append(-(logp.exp() * logp).sum(-1).cpu())
+        cat = torch.cat
+        return TeacherSupport(cat(ids), cat(lps), cat(sampled), cat(entropy), cat(hidden) if keep_hidden else None)

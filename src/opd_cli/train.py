@@ -12,8 +12,8 @@ import logging
 import math
 import os
 import random
+import resource
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,10 +27,12 @@ from opd_cli.logger import MetricsLogger
 from opd_cli.masks import mask_token_ids, special_token_keep
 from opd_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_path
 from opd_cli.objectives import (
+    MetricSums,
     TokenInputs,
     chunk_bounds,
     discounted_returns,
     make_objective,
+    repetition,
     student_loss_and_metrics,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
@@ -52,11 +54,14 @@ def token_inputs(
     x = TokenInputs(
         target=batch.input_ids[rm],
         weight=keep,
+        position=(rm.cumsum(1) - 1)[rm],
         old_logprob=batch.old_logprobs[rm],
         advantage=advantage,
         teacher_logprob=support.sampled_logprob,
         teacher_topk_ids=support.topk_ids,
         teacher_topk_logprobs=support.topk_logprobs,
+        teacher_entropy=support.entropy,
+        teacher_hidden=support.hidden,
     )
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), rm.sum(1).cumsum(0)])
     return x, offsets
@@ -130,13 +135,14 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg)
     rc = cfg.rollout
     batch = rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, cfg.trainer.seed * 7919 + step)
     t1 = time.perf_counter()
-    support = teacher.score(batch, cfg.loss.k)
+    support = teacher.score(batch, cfg.loss.k, keep_hidden="full" in objective.teacher_needs)
     t2 = time.perf_counter()
     x, offsets = token_inputs(batch, support, mask_ids, cfg.loss)
     model = trainer.model
     model.train()
     device = model.device
-    sums: dict[str, float] = defaultdict(float)
+    sums = MetricSums()
+    loss_total = 0.0
     norms = []
     rows = batch.input_ids.shape[0]
     for r0, r1 in chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches)):
@@ -148,19 +154,19 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg)
             xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(device)
             hidden, _ = response_hidden(model, micro)
             loss_sum, msums = student_loss_and_metrics(
-                hidden, lm_head_weight(model), xm, objective, cfg.loss.chunk_tokens
+                hidden, lm_head_weight(model), xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens
             )
             (loss_sum / mb_weight).backward()
-            sums["loss"] += loss_sum.item()
-            for k, v in msums.items():
-                sums[k] += v
+            loss_total += loss_sum.item()
+            sums.merge(msums)
         norms.append(trainer.optimizer_step())
     trainer.scheduler.step()
     t3 = time.perf_counter()
     n_weight = max(x.weight.sum().item(), 1.0)
     lengths = batch.response_mask.sum(1).float()
-    metrics = {k: v / n_weight for k, v in sums.items()}
+    metrics = {"loss": loss_total / n_weight, **sums.means()}
     metrics.update(
+        repetition=repetition([row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]),
         grad_norm=sum(norms) / max(1, len(norms)),
         response_clip_ratio=batch.truncated.float().mean().item(),
         response_length=lengths.mean().item(),
@@ -168,9 +174,17 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg)
         lr=trainer.scheduler.get_last_lr()[0],
         tokens_per_s=lengths.sum().item() / (t3 - t0),
         step_time_s=t3 - t0,
+        peak_mem_gb=peak_memory_gb(device),
         **{"time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2},
     )
     return metrics
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def pick_device(name: str) -> torch.device:
@@ -210,11 +224,11 @@ def train(cfg, run_dir: Path) -> dict:
     t_model = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
     check_same_vocabulary(s_tok, t_tok, student, t_model)
 
-    objective = make_objective(cfg.loss)
     teacher = HFTeacher(t_model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens)
+    objective = make_objective(cfg.loss, teacher.head)
     if missing := objective.teacher_needs - teacher.supplies:
         raise UserError(
-            f"loss.objective: '{objective.name}' needs {sorted(missing)} from the teacher, which "
+            f"loss: '{objective.name}' needs {sorted(missing)} from the teacher, which "
             f"teacher.backend={cfg.teacher.backend} cannot supply"
         )
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
