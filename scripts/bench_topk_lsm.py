@@ -2,12 +2,13 @@
 
     python scripts/bench_topk_lsm.py [--tokens 4096 --vocab 151936 --hidden 896 --k 32]
 
-Each path runs in a fresh child process, so its peak resident memory (``ru_maxrss``)
-belongs to it alone. "Extra peak" is that peak minus the resident set just before the
-first forward (hidden states, LM head, teacher top-K, torch itself) minus the gradients
-of the hidden states and the head that the backward leaves behind. So it is the memory
-the objective needs beyond the parameters and their gradients. Time is the best of
-``--repeats`` forward + backward passes after one warm-up pass.
+Each path runs in a fresh child process. After one warm-up pass (which loads kernels
+and thread pools), the gradients are dropped, the resident set is read, and the
+kernel's peak counter is reset (``/proc/self/clear_refs``). Then ``--repeats``
+forward + backward passes run. "Extra peak" is the peak resident set (VmHWM) minus
+that baseline (hidden states, LM head, teacher top-K, torch) minus the gradients of
+the hidden states and the head that each backward creates. So it is the memory the
+objective needs beyond the parameters and their gradients. Time is the best pass.
 
 gathered: ``opd_cli.objectives`` as training runs it (loss only, no diagnostics):
 K head rows per token, chunked, under activation checkpointing.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,9 +28,16 @@ import torch
 import torch.nn.functional as F
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_bytes(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
 
 
 def dense_loss(h, w, ids, t_lps):
@@ -76,16 +83,18 @@ def child(args) -> dict:
         loss.backward()
         return loss.item()
 
-    base = rss_bytes()
+    run()  # warm-up: lazily loaded kernels and thread pools are not the objective's memory
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in (h, w))
     times, value = [], None
-    for i in range(args.repeats + 1):
+    h.grad = w.grad = None
+    base = status_bytes("VmRSS")
+    reset_peak()
+    for _ in range(args.repeats):
         h.grad = w.grad = None
         t0 = time.perf_counter()
         value = run()
-        if i:
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in (h, w))
+        times.append(time.perf_counter() - t0)
+    peak = status_bytes("VmHWM")
     return {"path": args.path, "loss": value, "time_s": min(times), "extra_peak_bytes": peak - base - grads}
 
 

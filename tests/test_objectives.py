@@ -151,8 +151,8 @@ def grads(fn, h, w):
     return out.detach(), h.grad, w.grad
 
 
-def check_preset(name, k, chunk=1024, **kw):
-    cfg = preset(name, k=k)
+def check_preset(name, k, chunk=1024, cfg_overrides=None, **kw):
+    cfg = preset(name, k=k, **(cfg_overrides or {}))
     h, w, tw, x, t_logp = make_inputs(k, **kw)
     obj = make_objective(cfg, tw)
     got, gh, gw = grads(lambda h, w: student_loss_and_metrics(h, w, x, obj, chunk)[0], h, w)
@@ -205,6 +205,12 @@ def test_topk_lsm_is_zero_when_student_matches_teacher_on_support():
     x.teacher_topk_logprobs = torch.log_softmax(h @ w.T, -1).gather(-1, x.teacher_topk_ids) - 2.0
     total, _ = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=6)), 1024)
     assert abs(total.item()) < 1e-12
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.3, 0.8])
+def test_jsd_other_betas(beta):
+    """beta != 0.5 tells the mixture m = beta q + (1 - beta) p from its mirror image."""
+    check_preset("jsd", 5, cfg_overrides={"beta": beta})
 
 
 def test_jsd_endpoints_are_the_kls():
@@ -326,3 +332,23 @@ def test_teacher_rank_by_hand():
 def test_repetition_by_hand():
     # "a b c a b c": 3-grams abc bca cab abc -> 3 unique of 4; a response shorter than 3 counts 0
     assert repetition([[1, 2, 3, 1, 2, 3], [5, 6]]) == pytest.approx((1 - 3 / 4 + 0) / 2)
+
+
+# --------------------------------------------------------------------------- teacher requirements
+
+TOPK_ONLY = frozenset({"sampled_logprob", "topk"})  # what a vLLM teacher gives (prompt_logprobs)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_teacher_requirements(name):
+    from opd_cli.errors import UserError
+    from opd_cli.teacher import HFTeacher, check_teacher_supplies
+
+    obj = make_objective(preset(name))
+    check_teacher_supplies(obj, HFTeacher.supplies, "hf")  # the in-process teacher supplies everything
+    needs_full = name in {"full_rkl", "fkl", "jsd", "student_topk", "student_topk_pg", "nonoverlap_only"}
+    if needs_full:
+        with pytest.raises(UserError, match=rf"^loss: '{name}' needs full from the teacher, which teacher.backend"):
+            check_teacher_supplies(obj, TOPK_ONLY, "vllm")
+    else:
+        check_teacher_supplies(obj, TOPK_ONLY, "vllm")

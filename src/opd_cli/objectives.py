@@ -117,8 +117,8 @@ class _GatherLogits(torch.autograd.Function):
 
 
 def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Logits at given ids only, ``[N, d] x W [V, d] at ids [N, K] -> [N, K]``, in ~32 MB chunks."""
-    rows = max(1, (1 << 23) // max(1, ids.shape[-1] * hidden.shape[-1]))
+    """Logits at given ids only, ``[N, d] x W [V, d] at ids [N, K] -> [N, K]``, in ~16 MB chunks (float32)."""
+    rows = max(1, (1 << 22) // max(1, ids.shape[-1] * hidden.shape[-1]))
     return _GatherLogits.apply(hidden, weight, ids, rows)
 
 
@@ -287,6 +287,8 @@ class Objective:
 
     name: str = ""
     teacher_needs: frozenset[str] = frozenset({"sampled_logprob", "topk"})
+    # run token_loss chunk by chunk under activation checkpointing (it forms [chunk, V] tensors)
+    chunked: bool = True
 
     def token_loss(
         self, hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs
@@ -330,6 +332,7 @@ class SupportDivergence(Objective):
         self.teacher_head = teacher_head
         s = spec.support
         self.gathered_only = s == "teacher" and spec.renormalize and spec.form == "direct"
+        self.chunked = not self.gathered_only
         # the student's full normalizer (with gradient) is needed unless both sides are renormalized
         # on the support, or paper C's fill puts student log-probs among the teacher's values
         self.needs_normalizer = (
@@ -485,17 +488,24 @@ def student_loss_and_metrics(
 ) -> tuple[torch.Tensor, MetricSums]:
     """Weighted sum of the per-token loss (with gradient), and the diagnostics (unless told not to).
 
-    Each chunk's loss runs under activation checkpointing: its ``[chunk, V]`` (or
-    gathered) intermediates are freed after the forward and recomputed one chunk
-    at a time in the backward.
+    Each chunk's loss runs under activation checkpointing: its ``[chunk, V]``
+    intermediates are freed after the forward and recomputed one chunk at a time in
+    the backward. Diagnostics run per chunk without gradient.
     """
     total = upcast(hidden).new_zeros(())
     metrics = MetricSums()
-    for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
+    # A gathered objective runs once over all tokens: gather_logits already works in small
+    # chunks and keeps nothing large, and one call means one [V, d] head gradient, not one per chunk.
+    loss_chunk = chunk_tokens if objective.chunked else hidden.shape[0]
+    for s, e in chunk_bounds(hidden.shape[0], loss_chunk):
         xc = x.slice(s, e)
-        loss, clipped = checkpoint(objective.token_loss, hidden[s:e], weight, xc, use_reentrant=False)
+        if objective.chunked:
+            loss, clipped = checkpoint(objective.token_loss, hidden[s:e], weight, xc, use_reentrant=False)
+        else:
+            loss, clipped = objective.token_loss(hidden[s:e], weight, xc)
         total = total + (loss * xc.weight).sum()
         metrics.add("pg_clipfrac", clipped.to(xc.weight.dtype), xc.weight)
-        if diagnostics:
-            metrics.merge(token_metrics(hidden[s:e].detach(), weight.detach(), xc, bucket_tokens))
+    if diagnostics:
+        for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
+            metrics.merge(token_metrics(hidden[s:e].detach(), weight.detach(), x.slice(s, e), bucket_tokens))
     return total, metrics

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_cli.objectives import chunk_bounds, full_logprobs
+from opd_cli.errors import UserError
+from opd_cli.objectives import Objective, chunk_bounds, full_logprobs
 from opd_cli.rollout import RolloutBatch
 
 
@@ -24,6 +25,15 @@ class TeacherSupport:
     sampled_logprob: torch.Tensor  # [N] float, log q(y_t) of the sampled token
     entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
     hidden: torch.Tensor | None = None  # [N, d_t] final hidden states, when "full" is asked for
+
+
+def check_teacher_supplies(objective: Objective, supplies: frozenset[str], backend: str) -> None:
+    """Refuse, in one line, an objective that needs what the teacher backend cannot give."""
+    if missing := objective.teacher_needs - supplies:
+        raise UserError(
+            f"loss: '{objective.name}' needs {', '.join(sorted(missing))} from the teacher, which "
+            f"teacher.backend={backend} cannot supply (it gives {', '.join(sorted(supplies))})"
+        )
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -37,7 +37,7 @@ from opd_cli.objectives import (
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
 from opd_cli.tasks import CHECKERS, Problem, format_prompt, load_problems
-from opd_cli.teacher import HFTeacher, TeacherSupport, lm_head_weight, response_hidden
+from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight, response_hidden
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +226,7 @@ def train(cfg, run_dir: Path) -> dict:
 
     teacher = HFTeacher(t_model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens)
     objective = make_objective(cfg.loss, teacher.head)
-    if missing := objective.teacher_needs - teacher.supplies:
-        raise UserError(
-            f"loss: '{objective.name}' needs {sorted(missing)} from the teacher, which "
-            f"teacher.backend={cfg.teacher.backend} cannot supply"
-        )
+    check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     train_prompts = [format_prompt(p, cfg.task, s_tok) for p in train_problems]
     too_long = sum(
