@@ -155,6 +155,10 @@ def check_preset(name, k, chunk=1024, cfg_overrides=None, **kw):
     cfg = preset(name, k=k, **(cfg_overrides or {}))
     h, w, tw, x, t_logp = make_inputs(k, **kw)
     obj = make_objective(cfg, tw)
+    per_token = obj.token_loss(h, w, x)[0]
+    logits = h @ w.T
+    want_per_token = torch.stack([ref_token_loss(logits[n], t_logp, x, n, cfg) for n in range(N)])
+    torch.testing.assert_close(per_token, want_per_token.to(per_token.dtype), rtol=1e-7, atol=1e-9)
     got, gh, gw = grads(lambda h, w: student_loss_and_metrics(h, w, x, obj, chunk)[0], h, w)
     want, rh, rw = grads(lambda h, w: ref_total(h, w, t_logp, x, cfg), h, w)
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)

@@ -32,7 +32,8 @@ def describe_config_error(err: Exception) -> str:
     """One line from Hydra's and OmegaConf's (multi-line) composition errors."""
     if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
         group, _, name = err.missing_cfg_file.rpartition("/")
-        return f"{group}: unknown preset '{name}'; choose one of: {', '.join(err.options)}"
+        options = [o for o in err.options if not o.startswith("_")]  # _base files are not presets
+        return f"{group}: unknown preset '{name}'; choose one of: {', '.join(options)}"
     if isinstance(err, OverrideParseException):
         return (
             f"cannot parse the override '{err.override}': quote values with special characters, e.g. key='<|im_end|>'"
