@@ -1,5 +1,9 @@
 """Shared fixtures: a tiny tokenizer and tiny random Qwen2 models built from a config."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +26,49 @@ TINY_DEMO = [
     "demo.student_steps=5",
     "demo.vocab_size=300",
 ]
+
+
+# A few small steps: enough to exercise every phase of the loop.
+SHORT = [
+    "eval.n_problems=16",
+    "eval.k=2",
+    "eval.every=0",
+    "trainer.prompts_per_step=4",
+    "rollout.n=2",
+    "rollout.max_new_tokens=24",
+    "eval.max_new_tokens=24",
+]
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def cli_argv(run_dir, models_dir, *args) -> list[str]:
+    """``opd-train`` on the tiny demo, short settings, in ``run_dir``."""
+    demo = [f"hydra.run.dir={run_dir}", f"paths.models={models_dir}", *TINY_DEMO, *SHORT]
+    return [sys.executable, "-m", "opd_cli.cli", *demo, *args]
+
+
+def opd_train(run_dir, models_dir, *args, env=None):
+    out = subprocess.run(
+        cli_argv(run_dir, models_dir, *args),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**CLI_ENV, **(env or {})},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def compose_cfg(overrides=()):

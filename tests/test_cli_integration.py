@@ -2,27 +2,15 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 
 from opd_cli.train import train
 
-from .conftest import REPO, TINY_DEMO, compose_cfg
+from .conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
 
 pytestmark = pytest.mark.integration
 
-SHORT = [
-    "eval.n_problems=16",
-    "eval.k=2",
-    "eval.every=0",
-    "trainer.prompts_per_step=4",
-    "rollout.n=2",
-    "rollout.max_new_tokens=24",
-    "eval.max_new_tokens=24",
-]
 STEP_KEYS = {
     "loss",
     "grad_norm",
@@ -44,38 +32,6 @@ STEP_KEYS = {
     "peak_mem_gb",
 }
 LOSS_PRESETS = sorted(p.stem for p in (REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
-def opd_train(run_dir, models_dir, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "opd_cli.cli",
-            f"hydra.run.dir={run_dir}",
-            f"paths.models={models_dir}",
-            *TINY_DEMO,
-            *SHORT,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_topk_lsm_two_steps_with_wandb_offline(tmp_path, models_dir):

@@ -53,13 +53,22 @@ def test_real_world_presets():
         ),
         ("loss.tail=true", "loss.tail: a tail bucket needs loss.renormalize=false and loss.support teacher or student"),
         ("loss.beta=1.5", "loss.beta: must be in [0, 1], got 1.5"),
+        (
+            "trainer.nproc_per_node=2",
+            "trainer.engine: 2 processes need the deepspeed engine (trainer=zero1|zero2|zero3), not 'torch'",
+        ),
+        (
+            "trainer=zero2 trainer.nproc_per_node=2 trainer.prompts_per_step=5",
+            "trainer.prompts_per_step: 5 prompts cannot be split evenly over 2 processes",
+        ),
+        ("trainer.node_rank=1", "trainer.node_rank: must be in [0, 1), got 1"),
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
     ],
 )
 def test_validate_names_the_key(override, message):
     with pytest.raises(UserError) as err:
-        validate(compose_cfg([override]))
+        validate(compose_cfg(override.split()))
     assert str(err.value) == message
 
 
@@ -80,7 +89,7 @@ def _documented_keys(path):
 def test_every_base_key_has_a_comment():
     """Each group's _base.yaml and train.yaml document every key (presets only override them)."""
     files = [CONF / "train.yaml"] + sorted(CONF.glob("*/_base.yaml")) + [CONF / "rollout/hf.yaml"]
-    files += [CONF / "trainer/default.yaml", CONF / "logger/wandb.yaml"]
+    files += [CONF / "logger/wandb.yaml"] + sorted(CONF.glob("trainer/zero*.yaml"))
     undocumented = {str(f.relative_to(CONF)): _documented_keys(f) for f in files}
     # structural keys of the hydra section are grouped under a commented parent
     undocumented = {
@@ -99,7 +108,7 @@ def test_schema_keys_are_all_in_the_documented_yaml():
         "loss": CONF / "loss/_base.yaml",
         "rollout": CONF / "rollout/hf.yaml",
         "task": CONF / "task/_base.yaml",
-        "trainer": CONF / "trainer/default.yaml",
+        "trainer": CONF / "trainer/_base.yaml",
         "logger": CONF / "logger/wandb.yaml",
     }
     for group, path in base.items():

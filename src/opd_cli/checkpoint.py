@@ -1,33 +1,40 @@
-"""Checkpoints: the student in HF format plus the trainer state, written atomically.
+"""Checkpoint directories: written under a temporary name, then renamed into place.
 
-``<run_dir>/checkpoints/step_000100/`` holds ``model/`` (safetensors, config,
-tokenizer) and ``trainer_state.pt`` (step, optimizer, scheduler, RNG states and
-the evaluation results so far). A checkpoint is written under a temporary name
-and renamed into place, so a process killed mid-save leaves the previous
-checkpoint as the latest complete one.
+``<run_dir>/checkpoints/step_000100/`` holds ``model/`` (the student in HF format:
+safetensors, config, tokenizer), ``trainer_state.pt`` (step, scheduler, evaluation
+results so far, and the plain-torch optimizer), ``rng_rank<r>.pt`` per rank, and for
+the DeepSpeed engine ``deepspeed/`` (its own sharded module and optimizer state). A
+process killed mid-save leaves only a ``.tmp-step_*`` directory, so the previous
+checkpoint stays the latest complete one. The training engines (engines.py) fill
+the directory; this module names, commits and finds them. The test suite kills a
+save on purpose with ``OPD_TEST_KILL_BEFORE_COMMIT=step_<NNNNNN>``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 _PREFIX = "step_"
+STATE_FILE = "trainer_state.pt"
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str, Any]) -> Path:
+def checkpoint_dirs(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary, final) directories of the checkpoint of ``step``."""
     root = run_dir / "checkpoints"
-    final = root / f"{_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{_PREFIX}{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    torch.save({**state, "step": step, "rng": rng}, tmp / "trainer_state.pt")
+    return root / f".tmp-{_PREFIX}{step:06d}", root / f"{_PREFIX}{step:06d}"
+
+
+def commit(tmp: Path, final: Path) -> Path:
+    """Rename a fully written checkpoint into place (replacing one of the same step)."""
+    if os.environ.get("OPD_TEST_KILL_BEFORE_COMMIT") == final.name:
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: a process killed in the middle of a save
     if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -36,12 +43,21 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict[str,
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
-    done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / "trainer_state.pt").exists())
+    done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / STATE_FILE).exists())
     return done[-1] if done else None
 
 
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    return state
+def save_rng(directory: Path, rank: int) -> None:
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, directory / f"rng_rank{rank}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = directory / f"rng_rank{rank}.pt"
+    if path.exists():  # a checkpoint written by fewer ranks: the extra ranks keep their seeded state
+        rng = torch.load(path, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / STATE_FILE, weights_only=False)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config import register_configs
-from opd_cli.errors import UserError
+from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 EXIT_BAD_INPUT = 2
@@ -47,12 +47,21 @@ def describe_config_error(err: Exception) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from opd_cli.train import train
-
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if cfg.trainer.nproc_per_node * cfg.trainer.nnodes > 1:
+            from opd_cli.distributed import launch
+
+            launch(cfg, run_dir)  # the ranks run opd_cli.worker on the saved, resolved config
+        else:
+            from opd_cli.train import train
+
+            train(cfg, run_dir)
     except UserError as e:
         fail(str(e))
+    except Stopped as e:
+        print(f"error: stopped by SIGTERM after saving step {e}; resume with trainer.resume=true", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
 
 
 def main() -> None:

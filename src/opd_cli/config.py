@@ -88,6 +88,14 @@ class TaskConfig:
 class TrainerConfig:
     engine: str = "torch"
     device: str = "auto"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    rdzv_timeout: int = 300
+    stop_timeout_s: int = 30
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 600
     prompts_per_step: int = 16
     mini_batches: int = 1
@@ -178,7 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.engine": ("hf",),
     "task.name": ("arith", "hub"),
     "task.checker": ("exact", "math_verify"),
-    "trainer.engine": ("torch",),
+    "trainer.engine": ("torch", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.lr_schedule": ("constant", "cosine"),
     "logger.backend": ("wandb", "none"),
@@ -195,6 +203,10 @@ AT_LEAST_ONE = [
     "trainer.prompts_per_step",
     "trainer.mini_batches",
     "trainer.micro_batch_size",
+    "trainer.nproc_per_node",
+    "trainer.nnodes",
+    "trainer.rdzv_timeout",
+    "trainer.stop_timeout_s",
     "teacher.micro_batch_size",
     "eval.k",
     "eval.n_problems",
@@ -231,6 +243,27 @@ def check_divergence(loss: Any) -> None:
         raise UserError("loss.teacher_values: the full support needs the teacher's exact log-probs ('exact')")
 
 
+def check_world(trainer: Any) -> None:
+    """Values that depend on the number of processes."""
+    world = trainer.nproc_per_node * trainer.nnodes
+    if world > 1 and trainer.engine != "deepspeed":
+        raise UserError(
+            f"trainer.engine: {world} processes need the deepspeed engine (trainer=zero1|zero2|zero3), "
+            f"not '{trainer.engine}'"
+        )
+    if trainer.prompts_per_step % world:
+        raise UserError(
+            f"trainer.prompts_per_step: {trainer.prompts_per_step} prompts cannot be split evenly over {world} processes"
+        )
+    if not 0 <= trainer.node_rank < trainer.nnodes:
+        raise UserError(f"trainer.node_rank: must be in [0, {trainer.nnodes}), got {trainer.node_rank}")
+    if not 0 <= trainer.master_port < 65536:
+        raise UserError(f"trainer.master_port: must be a port number (0: pick a free one), got {trainer.master_port}")
+    stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0) if trainer.deepspeed else 0
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"trainer.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage}")
+
+
 def looks_local(name_or_path: str) -> bool:
     """A local directory rather than a hub id ("org/name" or "name")."""
     return (
@@ -263,6 +296,7 @@ def validate(cfg: Any) -> None:
     if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
+    check_world(cfg.trainer)
     if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"

@@ -57,6 +57,19 @@ class MetricsLogger:
             self.wandb.finish()
 
 
+class NullLogger:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable W&B run id per run directory, so a resumed run continues the same W&B run."""
     id_file = run_dir / "wandb_run_id"

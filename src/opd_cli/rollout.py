@@ -99,10 +99,12 @@ class _SampledLogprobRecorder:
 class HFRollout:
     """Sampling with transformers' ``generate`` from the live student model."""
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int) -> None:
+    def __init__(self, model, tokenizer, max_prompt_tokens: int, synced: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        # ZeRO-3: every rank keeps running forward passes until all ranks are done (HF's synced_gpus)
+        self.synced = synced
 
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
@@ -149,6 +151,7 @@ class HFRollout:
             attention_mask=attn.to(device),
             generation_config=gen_cfg,
             logits_processor=LogitsProcessorList([recorder]),
+            synced_gpus=self.synced,
         ).cpu()
         self.model.train(was_training)
         P = ids.shape[1]

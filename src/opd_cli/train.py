@@ -20,10 +20,21 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from opd_cli.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from opd_cli.checkpoint import latest_checkpoint
 from opd_cli.config import validate
-from opd_cli.errors import UserError
-from opd_cli.logger import MetricsLogger
+from opd_cli.distributed import (
+    Rank,
+    StopRequest,
+    all_keys,
+    all_reduce,
+    barrier,
+    init_process_group,
+    shard,
+    this_rank,
+)
+from opd_cli.engines import make_trainer
+from opd_cli.errors import Stopped, UserError
+from opd_cli.logger import MetricsLogger, NullLogger
 from opd_cli.masks import mask_token_ids, special_token_keep
 from opd_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_path
 from opd_cli.objectives import (
@@ -33,11 +44,10 @@ from opd_cli.objectives import (
     discounted_returns,
     make_objective,
     repetition,
-    student_loss_and_metrics,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
 from opd_cli.tasks import CHECKERS, Problem, format_prompt, load_problems
-from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight, response_hidden
+from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +92,15 @@ def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> lis
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int) -> float:
-    """avg@k accuracy: mean correctness over ``eval.k`` samples per problem."""
-    engine = HFRollout(model, tokenizer, max_prompt_tokens=10**9)
+def evaluate(
+    model, tokenizer, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, synced: bool = False
+) -> float:
+    """avg@k accuracy: mean correctness over ``eval.k`` samples per problem.
+
+    Every rank evaluates the same problems with the same seeds (so ZeRO-3 ranks run
+    the same forward passes); rank 0 reports.
+    """
+    engine = HFRollout(model, tokenizer, max_prompt_tokens=10**9, synced=synced)
     correct = 0
     per_call = max(1, ecfg.batch_size // ecfg.k)
     for s, e in chunk_bounds(len(problems), per_call):
@@ -94,87 +110,60 @@ def evaluate(model, tokenizer, problems: list[Problem], prompts: list[str], chec
     return correct / (len(problems) * ecfg.k)
 
 
-class TorchTrainer:
-    """Plain-torch training engine: AdamW, LR schedule, gradient clipping."""
-
-    def __init__(self, model, tcfg) -> None:
-        self.model = model
-        self.max_grad_norm = tcfg.max_grad_norm
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay
-        )
-
-        def factor(step: int) -> float:
-            if step < tcfg.warmup_steps:
-                return (step + 1) / tcfg.warmup_steps
-            if tcfg.lr_schedule == "cosine":
-                done = (step - tcfg.warmup_steps) / max(1, tcfg.max_steps - tcfg.warmup_steps)
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-            return 1.0
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-
-    def optimizer_step(self) -> float:
-        """Clip, step, zero; returns the global gradient norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.item()
-
-    def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg) -> dict[str, float]:
-    """One training step; returns its metrics."""
+def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg, rank: Rank) -> dict[str, float]:
+    """One training step on this rank's share of the prompts; returns the job's metrics."""
     t0 = time.perf_counter()
     rc = cfg.rollout
-    batch = rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, cfg.trainer.seed * 7919 + step)
+    seed = cfg.trainer.seed * 7919 + step + 1_000_003 * rank.rank
+    batch = rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
     t1 = time.perf_counter()
     support = teacher.score(batch, cfg.loss.k, keep_hidden="full" in objective.teacher_needs)
     t2 = time.perf_counter()
     x, offsets = token_inputs(batch, support, mask_ids, cfg.loss)
-    model = trainer.model
-    model.train()
-    device = model.device
+    trainer.model.train()
+    device = trainer.model.device
     sums = MetricSums()
     loss_total = 0.0
     norms = []
-    rows = batch.input_ids.shape[0]
+    rows = batch.input_ids.shape[0]  # the same on every rank
     for r0, r1 in chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches)):
-        mb_weight = x.weight[offsets[r0] : offsets[r1]].sum().item()
+        # token-mean over the whole mini-batch, every rank's tokens included
+        (mb_weight,) = all_reduce([x.weight[offsets[r0] : offsets[r1]].sum().item()])
         if mb_weight == 0:
-            continue  # every token of this mini-batch is masked
+            continue  # every token of this mini-batch is masked, on every rank
         for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
             micro = batch.select(torch.arange(r0 + m0, r0 + m1))
             xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(device)
-            hidden, _ = response_hidden(model, micro)
-            loss_sum, msums = student_loss_and_metrics(
-                hidden, lm_head_weight(model), xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens
-            )
-            (loss_sum / mb_weight).backward()
+            loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
+            # the engine averages gradients over ranks: scale by the world size to get the global token-mean
+            trainer.backward(loss_sum * (rank.world / mb_weight))
             loss_total += loss_sum.item()
             sums.merge(msums)
         norms.append(trainer.optimizer_step())
     trainer.scheduler.step()
     t3 = time.perf_counter()
-    n_weight = max(x.weight.sum().item(), 1.0)
     lengths = batch.response_mask.sum(1).float()
-    metrics = {"loss": loss_total / n_weight, **sums.means()}
+    responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
+    keys = all_keys(list(sums.sums))
+    local = [loss_total, x.weight.sum().item(), lengths.sum().item(), float(rows), batch.truncated.sum().item()]
+    local.append(repetition(responses) * rows)
+    total = all_reduce(local + [sums.sums.get(k, 0.0) for k in keys] + [sums.weights.get(k, 0.0) for k in keys])
+    loss_sum_all, n_weight, n_tokens, n_rows, n_truncated, rep_sum = total[:6]
+    job = MetricSums()
+    job.sums = dict(zip(keys, total[6 : 6 + len(keys)], strict=True))
+    job.weights = dict(zip(keys, total[6 + len(keys) :], strict=True))
+    length_max, peak_mem = all_reduce([lengths.max().item(), peak_memory_gb(device)], op="max")
+    metrics = {"loss": loss_sum_all / max(n_weight, 1.0), **job.means()}
     metrics.update(
-        repetition=repetition([row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]),
+        repetition=rep_sum / n_rows,
         grad_norm=sum(norms) / max(1, len(norms)),
-        response_clip_ratio=batch.truncated.float().mean().item(),
-        response_length=lengths.mean().item(),
-        response_length_max=lengths.max().item(),
+        response_clip_ratio=n_truncated / n_rows,
+        response_length=n_tokens / n_rows,
+        response_length_max=length_max,
         lr=trainer.scheduler.get_last_lr()[0],
-        tokens_per_s=lengths.sum().item() / (t3 - t0),
+        tokens_per_s=n_tokens / (t3 - t0),
         step_time_s=t3 - t0,
-        peak_mem_gb=peak_memory_gb(device),
+        peak_mem_gb=peak_mem,
         **{"time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2},
     )
     return metrics
@@ -187,12 +176,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str, rank: Rank) -> torch.device:
+    """The device of this rank: its local GPU, or the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("trainer.device: 'cuda' was asked for but no GPU is visible")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(rank.local_rank)
+    return torch.device("cuda", rank.local_rank)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -201,23 +192,47 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def training_prompts(problems: list[Problem], cfg, tokenizer) -> list[str]:
+    """The formatted training prompts, leaving out those longer than ``rollout.max_prompt_tokens``."""
+    prompts = [format_prompt(p, cfg.task, tokenizer) for p in problems]
+    fits = [
+        p for p in prompts if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= cfg.rollout.max_prompt_tokens
+    ]
+    if len(fits) < len(prompts):
+        log.warning("%d prompts longer than rollout.max_prompt_tokens are left out", len(prompts) - len(fits))
+    if not fits:
+        raise UserError("rollout.max_prompt_tokens: every training prompt is longer than this")
+    return fits
+
+
+def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
+    """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait."""
+    for turn in (True, False):
+        if rank.main == turn:
+            s_path = str(ckpt / "model") if ckpt else resolve_path(cfg.model.name_or_path, cfg)
+            t_path = resolve_path(cfg.teacher.name_or_path, cfg)
+        barrier()
+    return s_path, t_path
+
+
 def train(cfg, run_dir: Path) -> dict:
-    """Run OPD as configured; returns (and writes) the run summary."""
+    """Run OPD as configured on this rank; returns the run summary (rank 0 writes it)."""
     validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.trainer.device)
+    rank = this_rank()
+    device = pick_device(cfg.trainer.device, rank)
+    if cfg.trainer.engine == "deepspeed":
+        rank = init_process_group(device)
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
 
     train_problems, eval_problems = load_problems(cfg.task)
     eval_problems = eval_problems[: cfg.eval.n_problems]
-
     ckpt = latest_checkpoint(run_dir) if cfg.trainer.resume else None
     if cfg.trainer.resume and ckpt is None:
         log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
-    s_path = str(ckpt / "model") if ckpt else resolve_path(cfg.model.name_or_path, cfg)
-    t_path = resolve_path(cfg.teacher.name_or_path, cfg)
+    s_path, t_path = resolve_models(cfg, ckpt, rank)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
     t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
     student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
@@ -228,70 +243,62 @@ def train(cfg, run_dir: Path) -> dict:
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
-    train_prompts = [format_prompt(p, cfg.task, s_tok) for p in train_problems]
-    too_long = sum(
-        len(s_tok(p, add_special_tokens=False)["input_ids"]) > cfg.rollout.max_prompt_tokens for p in train_prompts
-    )
-    if too_long:
-        log.warning("%d prompts longer than rollout.max_prompt_tokens are left out", too_long)
-        train_prompts = [
-            p
-            for p in train_prompts
-            if len(s_tok(p, add_special_tokens=False)["input_ids"]) <= cfg.rollout.max_prompt_tokens
-        ]
-    if not train_prompts:
-        raise UserError("rollout.max_prompt_tokens: every training prompt is longer than this")
+    train_prompts = training_prompts(train_problems, cfg, s_tok)
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
     checker = CHECKERS[cfg.task.checker]
 
-    trainer = TorchTrainer(student, cfg.trainer)
+    trainer = make_trainer(student, cfg.trainer, rank)
+    student = trainer.model
     state: dict = {}
     if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        trainer.load_state_dict(state)
+        state = trainer.load(ckpt)
         log.info("resuming from %s (step %d)", ckpt, state["step"])
     start = state.get("step", 0)
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
-    logger = MetricsLogger(run_dir, cfg.logger, config_dict, resume_step=start if ckpt else None)
+    logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     eval_seed = cfg.trainer.seed * 104_729
+    synced = trainer.synced_generation
+
+    def evaluate_student() -> float:
+        return evaluate(student, s_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed, synced)
+
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
             state["acc_teacher"] = evaluate(t_model, t_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
-            state["acc_before"] = evaluate(student, s_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
+            state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
-        rollout = HFRollout(student, s_tok, cfg.rollout.max_prompt_tokens)
+        rollout = HFRollout(student, s_tok, cfg.rollout.max_prompt_tokens, synced=synced)
         acc = state.get("acc_last", state["acc_before"])
-        bar = tqdm(
-            range(start + 1, cfg.trainer.max_steps + 1),
-            desc="OPD",
-            initial=start,
-            total=cfg.trainer.max_steps,
-            dynamic_ncols=True,
-        )
+        steps = range(start + 1, cfg.trainer.max_steps + 1)
+        bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)
+        stop = StopRequest()
         for step in bar:
-            prompts = step_prompts(train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed)
-            metrics = opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg)
+            prompts = shard(step_prompts(train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
+            metrics = opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg, rank)
             last = step == cfg.trainer.max_steps
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                acc = evaluate(student, s_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
-                metrics["eval/acc"] = state["acc_last"] = acc
+                acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student()
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
             if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                save_checkpoint(run_dir, step, student, s_tok, {**state, **trainer.state_dict()})
+                trainer.save(run_dir, step, s_tok, state)
+            elif stop.requested():
+                trainer.save(run_dir, step, s_tok, state)
+                log.warning("stop requested (SIGTERM): saved the checkpoint of step %d", step)
+                raise Stopped(step)
+        after = state.get("acc_last", state["acc_before"])
         gap = state["acc_teacher"] - state["acc_before"]
         summary = {
             "acc_before": state["acc_before"],
-            "acc_after": state.get("acc_last", state["acc_before"]),
+            "acc_after": after,
             "acc_teacher": state["acc_teacher"],
-            "gap_recovery": (state.get("acc_last", state["acc_before"]) - state["acc_before"]) / gap
-            if gap > 0
-            else None,
+            "gap_recovery": (after - state["acc_before"]) / gap if gap > 0 else None,
             "step": cfg.trainer.max_steps,
         }
-        _write_json(run_dir / "summary.json", summary)
+        if rank.main:
+            _write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
         log.info("summary: %s", summary)
     finally:

@@ -1,0 +1,46 @@
+"""One rank of a multi-process job: ``python -m opd_cli.worker <resolved config> <run dir>``.
+
+``opd-train`` composes the config with Hydra, saves it resolved in the run directory
+and starts the ranks (distributed.launch); each rank reads that file, so every rank
+runs exactly the composed config, sweeps included.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from opd_cli.config import TrainConfig
+from opd_cli.distributed import this_rank
+from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
+
+
+def main() -> None:
+    config_path, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    rank = this_rank()
+    logging.basicConfig(
+        level=logging.INFO if rank.main else logging.WARNING,
+        format=f"[%(asctime)s][rank {rank.rank}][%(name)s][%(levelname)s] - %(message)s",
+    )
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations inside DeepSpeed
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_path))
+    from opd_cli.train import train
+
+    try:
+        train(cfg, run_dir)
+    except UserError as e:
+        if rank.main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Stopped as e:
+        if rank.main:
+            print(f"error: stopped by SIGTERM after saving step {e}; resume with trainer.resume=true", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
+
+
+if __name__ == "__main__":
+    main()
