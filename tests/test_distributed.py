@@ -145,3 +145,18 @@ def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path, models_di
     opd_train(tmp_path, models_dir, *common, "trainer.max_steps=3", "trainer.resume=true")
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3]
     assert (tmp_path / "checkpoints/step_000003/trainer_state.pt").exists()
+
+
+def test_sharded_teacher_under_zero3(tmp_path, models_dir):
+    opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", "teacher.shard=true")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval/acc_teacher"] >= 0
+
+
+def test_sharded_teacher_refuses_an_objective_needing_the_full_q(tmp_path, models_dir):
+    args = ["trainer=zero3", *TWO, "trainer.max_steps=1", "teacher.shard=true", "loss=full_rkl"]
+    out = subprocess.run(cli_argv(tmp_path, models_dir, *args), capture_output=True, text=True, cwd=REPO, env=CLI_ENV)
+    assert out.returncode == 2
+    assert "error: loss: 'full_rkl' needs full from the teacher" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

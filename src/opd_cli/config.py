@@ -34,6 +34,7 @@ class TeacherConfig:
     trust_remote_code: bool = False
     backend: str = "hf"
     micro_batch_size: int = 64
+    shard: bool = False
 
 
 @dataclass
@@ -297,6 +298,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
     check_world(cfg.trainer)
+    if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
+        raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
     if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"

@@ -229,8 +229,10 @@ def train(cfg, run_dir: Path) -> dict:
 
     train_problems, eval_problems = load_problems(cfg.task)
     eval_problems = eval_problems[: cfg.eval.n_problems]
-    ckpt = latest_checkpoint(run_dir) if cfg.trainer.resume else None
-    if cfg.trainer.resume and ckpt is None:
+    # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
+    resume = cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
         log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
     s_path, t_path = resolve_models(cfg, ckpt, rank)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
@@ -239,7 +241,7 @@ def train(cfg, run_dir: Path) -> dict:
     t_model = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
     check_same_vocabulary(s_tok, t_tok, student, t_model)
 
-    teacher = HFTeacher(t_model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens)
+    teacher = HFTeacher(t_model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
@@ -265,7 +267,9 @@ def train(cfg, run_dir: Path) -> dict:
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluate(t_model, t_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
+            state["acc_teacher"] = evaluate(
+                t_model, t_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed, teacher.synced_generation
+            )
             state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
