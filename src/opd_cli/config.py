@@ -35,6 +35,7 @@ class TeacherConfig:
     backend: str = "hf"
     micro_batch_size: int = 64
     shard: bool = False
+    gpu_memory_utilization: float = 0.3
 
 
 @dataclass
@@ -68,6 +69,7 @@ class RolloutConfig:
     top_p: float = 0.9
     max_new_tokens: int = 64
     max_prompt_tokens: int = 256
+    gpu_memory_utilization: float = 0.3
 
 
 @dataclass
@@ -183,8 +185,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.mask_mode": ("first", "all"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.backend": ("hf",),
-    "rollout.engine": ("hf",),
+    "teacher.backend": ("hf", "vllm"),
+    "rollout.engine": ("hf", "vllm"),
     "task.name": ("arith", "hub"),
     "task.checker": ("exact", "math_verify"),
     "trainer.engine": ("torch", "deepspeed"),
@@ -283,7 +285,7 @@ def validate(cfg: Any) -> None:
     for key in AT_LEAST_ZERO:
         if _get(cfg, key) < 0:
             raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
-    for key in ("rollout.top_p", "eval.top_p"):
+    for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization", "teacher.gpu_memory_utilization"):
         if not 0 < _get(cfg, key) <= 1:
             raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
     for key in ("rollout.temperature", "eval.temperature", "trainer.lr", "trainer.max_grad_norm"):
@@ -298,6 +300,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
     check_world(cfg.trainer)
+    if cfg.teacher.shard and cfg.teacher.backend != "hf":
+        raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
     if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:

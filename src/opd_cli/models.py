@@ -52,7 +52,7 @@ def load_model(path: str, key: str, dtype: str, device: torch.device, trust_remo
     return model.to(device)
 
 
-def check_same_vocabulary(student_tok, teacher_tok, student, teacher) -> None:
+def check_same_vocabulary(student_tok, teacher_tok, s_rows: int, t_rows: int) -> None:
     """OPD compares distributions id by id: both sides need one vocabulary."""
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
@@ -61,7 +61,5 @@ def check_same_vocabulary(student_tok, teacher_tok, student, teacher) -> None:
             f"teacher.name_or_path: the teacher's vocabulary does not match the student's "
             f"({len(t_vocab)} vs {len(s_vocab)} tokens, {differ} token-id pairs differ)"
         )
-    s_rows = student.get_output_embeddings().weight.shape[0]
-    t_rows = teacher.get_output_embeddings().weight.shape[0]
     if s_rows != t_rows:
         raise UserError(f"teacher.name_or_path: the teacher's LM head has {t_rows} rows, the student's {s_rows}")

