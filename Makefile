@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ train-slurm: $(STAMP) ## one training job on SLURM: ARGS="trainer=zero3 trainer.
 
 sweep-slurm: $(STAMP) ## a sweep, one SLURM job per point: ARGS="loss.k=1,4,16,64 trainer=zero2 ..."
 	$(VENV)/bin/opd-train -m hydra/launcher=slurm $(ARGS)
+
+serve-teacher: $(STAMP) ## the teacher as a vLLM server: ARGS="teacher=openthinker3 teacher.url=http://0.0.0.0:8000"
+	$(PY) -m opd_cli.serve_teacher $(ARGS)
 
 slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests and trying things)
 	bash scripts/slurm_up.sh

@@ -62,6 +62,12 @@ def test_real_world_presets():
             "trainer.prompts_per_step: 5 prompts cannot be split evenly over 2 processes",
         ),
         ("trainer.node_rank=1", "trainer.node_rank: must be in [0, 1), got 1"),
+        ("teacher.url=http://t:8000", "teacher.url: a teacher server needs teacher.backend=vllm"),
+        (
+            "teacher.backend=vllm teacher.url=ftp://t",
+            "teacher.url: must start with http:// or https://, got ftp://t",
+        ),
+        ("rollout=vllm rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
     ],

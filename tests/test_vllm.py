@@ -96,3 +96,70 @@ def test_vllm_teacher_refuses_full_distribution_objectives(tmp_path, models_dir)
     out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
     assert out.returncode == 2
     assert "error: loss: 'fkl' needs full from the teacher, which teacher.backend=vllm cannot supply" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher_server(models_dir):
+    """``python -m opd_cli.serve_teacher`` on the tiny demo teacher, on a free local port."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from opd_cli.distributed import free_port
+
+    from .conftest import CLI_ENV, REPO, TINY_DEMO
+
+    url = f"http://127.0.0.1:{free_port()}"
+    args = [f"paths.models={models_dir}", *TINY_DEMO, "teacher.backend=vllm", f"teacher.url={url}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd_cli.serve_teacher", *args],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("the teacher server did not come up")
+    yield url, args
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_teacher_server_matches_hf(teacher_server, models_dir):
+    from opd_cli.models import load_model, load_tokenizer, resolve_path
+    from opd_cli.vllm_engine import VLLMServerTeacher
+
+    from .conftest import compose_cfg
+
+    url, args = teacher_server
+    path = resolve_path("demo:teacher", compose_cfg(args))
+    tok = load_tokenizer(path, "teacher.name_or_path")
+    model = load_model(path, "teacher.name_or_path", "float32", torch.device("cpu"))
+    batch = HFRollout(model, tok, 256).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
+    hf = HFTeacher(model, micro_batch_size=4, chunk_tokens=16).score(batch, 8)
+    server = VLLMServerTeacher(url, tok)
+    got = server.score(batch, 8)
+    assert torch.equal(got.topk_ids, hf.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, hf.topk_logprobs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
+    sampled = server.generate(PROMPTS, 2, 1.0, 1.0, 12, seed=0)
+    assert sampled.input_ids.shape[0] == 2 * len(PROMPTS)
+
+
+def test_cli_with_teacher_server(teacher_server, tmp_path, models_dir):
+    url, _ = teacher_server
+    opd_train(tmp_path, models_dir, "teacher.backend=vllm", f"teacher.url={url}", "trainer.max_steps=2", "logger=none")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval/acc_teacher"] >= 0

@@ -36,6 +36,7 @@ class TeacherConfig:
     micro_batch_size: int = 64
     shard: bool = False
     gpu_memory_utilization: float = 0.3
+    url: str | None = None
 
 
 @dataclass
@@ -300,6 +301,10 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
     check_world(cfg.trainer)
+    if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
+        raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")
+    if cfg.teacher.url is not None and not cfg.teacher.url.startswith(("http://", "https://")):
+        raise UserError(f"teacher.url: must start with http:// or https://, got {cfg.teacher.url}")
     if cfg.teacher.shard and cfg.teacher.backend != "hf":
         raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":

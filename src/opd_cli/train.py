@@ -205,6 +205,14 @@ def training_prompts(problems: list[Problem], cfg, tokenizer) -> list[str]:
 
 def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
     """The teacher backend, a sampler for its evaluation, and its vocabulary size."""
+    if cfg.teacher.url:
+        from transformers import AutoConfig
+
+        from opd_cli.vllm_engine import VLLMServerTeacher
+
+        server = VLLMServerTeacher(cfg.teacher.url, tokenizer)
+        rows = AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
+        return server, server, rows
     if cfg.teacher.backend == "vllm":
         from opd_cli.vllm_engine import VLLMRollout, VLLMTeacher, make_llm
 

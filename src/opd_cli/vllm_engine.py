@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from opd_cli.errors import UserError
 from opd_cli.rollout import RolloutBatch, build_batch, decode_responses, encode_prompts
 from opd_cli.teacher import TeacherSupport
 
@@ -111,6 +112,32 @@ class VLLMRollout:
         self.llm.collective_rpc(_push, args=(state,))
 
 
+def support_from_prompt_logprobs(batch: RolloutBatch, rows: list[list], k: int) -> TeacherSupport:
+    """``TeacherSupport`` from per-row prompt log-probs: ``rows[r][pos]`` maps token id -> (log-prob, rank).
+
+    Positions index the row without its left padding (vLLM sees it unpadded); position 0
+    has no entry. Only response positions are read.
+    """
+    ids, lps, sampled, entropy = [], [], [], []
+    for r, entries_of in enumerate(rows):
+        keep = batch.attention_mask[r].bool()
+        tokens = batch.input_ids[r][keep]
+        for pos in batch.response_mask[r][keep].nonzero().flatten().tolist():
+            entries = entries_of[pos]
+            top = sorted((rank, tok, lp) for tok, (lp, rank) in entries.items() if rank <= k)[:k]
+            ids.append([t for _, t, _ in top])
+            lps.append([v for _, _, v in top])
+            sampled.append(entries[int(tokens[pos])][0])
+            entropy.append(topk_entropy(lps[-1]))
+    return TeacherSupport(
+        torch.tensor(ids, dtype=torch.long), torch.tensor(lps), torch.tensor(sampled), torch.tensor(entropy)
+    )
+
+
+def unpadded_rows(batch: RolloutBatch) -> list[list[int]]:
+    return [batch.input_ids[r][batch.attention_mask[r].bool()].tolist() for r in range(batch.input_ids.shape[0])]
+
+
 class VLLMTeacher:
     """The teacher scored by vLLM: ``prompt_logprobs=K`` over prompt + response.
 
@@ -131,25 +158,68 @@ class VLLMTeacher:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        rows = []
-        for r in range(batch.input_ids.shape[0]):
-            keep = batch.attention_mask[r].bool()
-            rows.append(TokensPrompt(prompt_token_ids=batch.input_ids[r][keep].tolist()))
-        outs = self.llm.generate(rows, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
-        ids, lps, sampled, entropy = [], [], [], []
-        for r, o in enumerate(outs):
-            keep = batch.attention_mask[r].bool()
-            tokens = batch.input_ids[r][keep]
-            for pos in batch.response_mask[r][keep].nonzero().flatten().tolist():
-                entries = o.prompt_logprobs[pos]
-                top = sorted((lp.rank, tok, lp.logprob) for tok, lp in entries.items() if lp.rank <= k)[:k]
-                ids.append([t for _, t, _ in top])
-                lps.append([v for _, _, v in top])
-                sampled.append(entries[int(tokens[pos])].logprob)
-                entropy.append(topk_entropy(lps[-1]))
-        return TeacherSupport(
-            torch.tensor(ids, dtype=torch.long), torch.tensor(lps), torch.tensor(sampled), torch.tensor(entropy)
-        )
+        prompts = [TokensPrompt(prompt_token_ids=row) for row in unpadded_rows(batch)]
+        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+        rows = [
+            [None] + [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in o.prompt_logprobs[1:]] for o in outs
+        ]
+        return support_from_prompt_logprobs(batch, rows, k)
+
+
+class VLLMServerTeacher(VLLMTeacher):
+    """The teacher behind a separately started vLLM server (``teacher.url``; ``make serve-teacher``).
+
+    Scores through the OpenAI-compatible completions endpoint with vLLM's ``prompt_logprobs``
+    extension; samples (for the teacher's evaluation) the same way.
+    """
+
+    def __init__(self, url: str, tokenizer, timeout_s: float = 600) -> None:
+        self.url, self.tokenizer, self.timeout_s = url.rstrip("/"), tokenizer, timeout_s
+        self.model = self._request("/v1/models", None)["data"][0]["id"]
+
+    def _request(self, path: str, body: dict | None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, OSError) as e:
+            raise UserError(f"teacher.url: cannot reach the vLLM teacher server at {self.url}: {e}") from None
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:
+        body = {"model": self.model, "prompt": unpadded_rows(batch), "max_tokens": 1, "prompt_logprobs": k}
+        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        rows = [
+            [None] + [{int(t): (e["logprob"], e["rank"]) for t, e in d.items()} for d in c["prompt_logprobs"][1:]]
+            for c in choices
+        ]
+        return support_from_prompt_logprobs(batch, rows, k)
+
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        """Samples for evaluation (no sampler log-probs: ``old_logprobs`` are 0)."""
+        ids, attn = encode_prompts(self.tokenizer, prompts)
+        unpadded = [ids[i][attn[i].bool()].tolist() for i in range(len(prompts))]
+        body = {"model": self.model, "prompt": unpadded, "n": n, "temperature": temperature, "top_p": top_p}
+        # no seed: one request's n samples would share it and come out identical
+        body.update(max_tokens=max_new_tokens, return_token_ids=True)
+        choices = sorted(self._request("/v1/completions", body)["choices"], key=lambda c: c["index"])
+        width = max(1, max(len(c["token_ids"]) for c in choices))
+        response = torch.full((len(choices), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for r, c in enumerate(choices):
+            response[r, : len(c["token_ids"])] = torch.tensor(c["token_ids"], dtype=torch.long)
+        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        logps = torch.zeros(response.shape)
+        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, len(prompts), n)
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        return decode_responses(self.tokenizer, batch)
 
 
 def topk_entropy(logprobs: list[float]) -> float:
