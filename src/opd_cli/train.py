@@ -222,9 +222,10 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         rows = llm.llm_engine.model_config.get_vocab_size()
         return VLLMTeacher(llm), VLLMRollout(llm, tokenizer, cfg.rollout.max_prompt_tokens), rows
     model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
+    rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
     teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
     sampler = HFRollout(model, tokenizer, cfg.rollout.max_prompt_tokens, synced=teacher.synced_generation)
-    return teacher, sampler, lm_head_weight(model).shape[0]
+    return teacher, sampler, rows
 
 
 def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
