@@ -84,6 +84,8 @@ class TaskConfig:
     template: str = "{question}"
     chat_template: bool = False
     checker: str = "exact"
+    answer_timeout_s: int = 4
+    eval_only: bool = False
     seed: int = 0
     n_eval: int = 256
 
@@ -216,6 +218,7 @@ AT_LEAST_ONE = [
     "eval.n_problems",
     "eval.max_new_tokens",
     "eval.batch_size",
+    "task.answer_timeout_s",
     "demo.num_layers",
     "demo.teacher_steps",
     "demo.batch_size",
@@ -313,6 +316,9 @@ def validate(cfg: Any) -> None:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
         )
+    if cfg.task.eval_only:
+        where = cfg.task.path or cfg.task.dataset
+        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
     if cfg.task.name == "hub" and not (cfg.task.dataset or cfg.task.path):
         raise UserError("task.dataset: a hub task needs task.dataset or task.path")
     if cfg.task.path and not Path(cfg.task.path).exists():

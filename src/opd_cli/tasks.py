@@ -7,8 +7,10 @@ data set with ``datasets`` from the hub or from a local jsonl/parquet file.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,20 +92,34 @@ def check_exact(response: str, answer: str) -> bool:
     return got is not None and got.strip() == answer.strip()
 
 
-def check_math_verify(response: str, answer: str) -> bool:
-    """Symbolic equivalence of the last boxed answer with math-verify."""
+def check_math_verify(response: str, answer: str, timeout_s: int = 4) -> bool:
+    """Symbolic equivalence of the last boxed answer with math-verify, within ``timeout_s`` seconds.
+
+    math-verify normalizes LaTeX (``\\dfrac``, units, intervals, sets) and compares with
+    sympy. Parsing the response and comparing each get half the time (math-verify's own
+    alarm-based timeouts, so call it from the main thread); what times out counts as wrong.
+    """
     from math_verify import parse, verify
 
     got = last_boxed(response)
     if got is None:
         return False
+    half = max(1, timeout_s // 2)
     try:
-        return bool(verify(parse(f"${answer}$"), parse(f"${got}$")))
-    except Exception:  # math-verify raises on unparsable input: count it as wrong
+        gold = parse(f"${answer}$", parsing_timeout=half)
+        return bool(verify(gold, parse(f"${got}$", parsing_timeout=half), timeout_seconds=half))
+    except Exception:  # unparsable or pathological input: a verdict of wrong, not a crash
         return False
 
 
 CHECKERS = {"exact": check_exact, "math_verify": check_math_verify}
+
+
+def make_checker(task_cfg) -> Callable[[str, str], bool]:
+    """The task's answer check as ``check(response, gold) -> bool``."""
+    if task_cfg.checker == "math_verify":
+        return functools.partial(check_math_verify, timeout_s=task_cfg.answer_timeout_s)
+    return CHECKERS[task_cfg.checker]
 
 
 # --------------------------------------------------------------------------- hub / files
@@ -188,13 +204,15 @@ def split_held_out(problems: list[Problem], seed: int, n_eval: int) -> tuple[lis
 
 
 def load_problems(task_cfg) -> tuple[list[Problem], list[Problem]]:
-    """(train, held-out) problems of the configured task."""
+    """(train, held-out) problems of the configured task; an evaluation-only task holds out every row."""
     if task_cfg.name == "arith":
         return (
             arith_problems(task_cfg.seed, "train", task_cfg.n_eval),
             arith_problems(task_cfg.seed, "test", task_cfg.n_eval),
         )
     problems = hub_problems(task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key)
+    if task_cfg.eval_only:
+        return [], problems
     if len(problems) <= task_cfg.n_eval:
         where = task_cfg.path or task_cfg.dataset
         raise UserError(f"task.n_eval: {where} has {len(problems)} rows, need more than {task_cfg.n_eval}")

@@ -46,7 +46,7 @@ from opd_cli.objectives import (
     repetition,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
-from opd_cli.tasks import CHECKERS, Problem, format_prompt, load_problems
+from opd_cli.tasks import Problem, format_prompt, load_problems, make_checker
 from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,10 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
 
+    if cfg.task.eval_only:
+        raise UserError(
+            f"task: '{cfg.task.dataset or cfg.task.path}' is an evaluation benchmark; train on another task"
+        )
     train_problems, eval_problems = load_problems(cfg.task)
     eval_problems = eval_problems[: cfg.eval.n_problems]
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
@@ -281,7 +285,7 @@ def train(cfg, run_dir: Path) -> dict:
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
-    checker = CHECKERS[cfg.task.checker]
+    checker = make_checker(cfg.task)
 
     trainer = make_trainer(student, cfg.trainer, rank)
     student = trainer.model
