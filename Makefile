@@ -4,8 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+# demo-sized sweeps for CPU (override with ARGS, e.g. ARGS="trainer.max_steps=600"); later overrides win
+SWEEP_DEMO := trainer.max_steps=100 eval.every=25 eval.n_problems=64 logger=none
+REPORT_DIR ?= outputs/sweeps/sweep-k
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -25,6 +28,15 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) ## run the default experiment (demo task and models, CPU); extra overrides: ARGS="..."
 	$(VENV)/bin/opd-train $(ARGS)
+
+sweep-k: $(STAMP) ## teacher top-K LSM for K = 1, 4, 16, 64 (demo-sized; into outputs/sweeps/sweep-k)
+	$(VENV)/bin/opd-train -m loss=topk_lsm loss.k=1,4,16,64 $(SWEEP_DEMO) hydra.sweep.dir=outputs/sweeps/sweep-k $(ARGS)
+
+sweep-loss: $(STAMP) ## sampled_token vs topk_lsm vs student_topk (demo-sized; into outputs/sweeps/sweep-loss)
+	$(VENV)/bin/opd-train -m loss=sampled_token,topk_lsm,student_topk $(SWEEP_DEMO) hydra.sweep.dir=outputs/sweeps/sweep-loss $(ARGS)
+
+report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default)
+	$(VENV)/bin/opd-report $(REPORT_DIR)
 
 train-slurm: $(STAMP) ## one training job on SLURM: ARGS="trainer=zero3 trainer.nnodes=4 trainer.nproc_per_node=8 hydra.launcher.partition=gpu ..."
 	$(VENV)/bin/opd-train hydra/launcher=slurm $(ARGS)

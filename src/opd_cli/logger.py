@@ -22,7 +22,8 @@ class MetricsLogger:
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
-        self.file = self.path.open("a")
+        # a fresh run in a reused directory (e.g. a sweep run again) starts its metrics anew
+        self.file = self.path.open("a" if resume_step is not None else "w")
         self.wandb = None
         if cfg.backend == "wandb" and cfg.mode != "disabled":
             import wandb
