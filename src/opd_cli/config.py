@@ -170,8 +170,29 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    """``opd-eval``: one model on several benchmarks (conf/evaluate.yaml documents each key)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tasks: list[str] = field(default_factory=lambda: ["arith"])
+    task_paths: dict[str, str | None] = field(default_factory=dict)
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    teacher_acc: dict[str, float | None] = field(default_factory=dict)
+    baseline_acc: dict[str, float | None] = field(default_factory=dict)
+    chat_template: bool | None = None
+    seed: int = 0
+    device: str = "auto"
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- validation

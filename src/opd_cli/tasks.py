@@ -221,7 +221,12 @@ def load_problems(task_cfg) -> tuple[list[Problem], list[Problem]]:
 
 def format_prompt(problem: Problem, task_cfg, tokenizer) -> str:
     """The prompt text: ``task.template`` filled in, in the chat template if asked."""
-    text = task_cfg.template.format(question=problem.question)
+    try:
+        text = task_cfg.template.format(question=problem.question)
+    except (IndexError, KeyError, ValueError) as e:
+        raise UserError(
+            f"task.template: cannot fill in {{question}} ({e}); write literal braces as {{{{ }}}}"
+        ) from None
     if not task_cfg.chat_template:
         return text
     if tokenizer.chat_template is None:

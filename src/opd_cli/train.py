@@ -46,6 +46,7 @@ from opd_cli.objectives import (
     repetition,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
+from opd_cli.scores import avg_at_k
 from opd_cli.tasks import Problem, format_prompt, load_problems, make_checker
 from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight
 
@@ -92,19 +93,27 @@ def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> lis
 
 
 @torch.no_grad()
+def sample_correctness(
+    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int
+) -> list[list[bool]]:
+    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``."""
+    out: list[list[bool]] = []
+    per_call = max(1, ecfg.batch_size // ecfg.k)
+    for s, e in chunk_bounds(len(problems), per_call):
+        batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
+        texts = engine.decode_responses(batch)
+        for i in range(e - s):
+            out.append([checker(t, problems[s + i].answer) for t in texts[i * ecfg.k : (i + 1) * ecfg.k]])
+    return out
+
+
 def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int) -> float:
     """avg@k accuracy of a sampling engine: mean correctness over ``eval.k`` samples per problem.
 
     Every rank evaluates the same problems with the same seeds (so ZeRO-3 ranks run
     the same forward passes); rank 0 reports.
     """
-    correct = 0
-    per_call = max(1, ecfg.batch_size // ecfg.k)
-    for s, e in chunk_bounds(len(problems), per_call):
-        batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
-        texts = engine.decode_responses(batch)
-        correct += sum(checker(t, problems[s + i // ecfg.k].answer) for i, t in enumerate(texts))
-    return correct / (len(problems) * ecfg.k)
+    return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed))
 
 
 def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg, rank: Rank) -> dict[str, float]:

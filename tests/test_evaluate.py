@@ -1,0 +1,59 @@
+"""opd-eval end to end on the tiny demo student and local benchmark files (integration tier)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import CLI_ENV, REPO, TINY_DEMO
+
+FIXTURES = REPO / "tests/fixtures"
+
+
+def opd_eval(out_dir, models_dir, *args):
+    argv = [sys.executable, "-m", "opd_cli.evaluate", f"hydra.run.dir={out_dir}", f"paths.models={models_dir}"]
+    return subprocess.run(
+        [*argv, *TINY_DEMO, *args], capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=600
+    )
+
+
+@pytest.mark.integration
+def test_opd_eval_reports_every_benchmark(tmp_path, models_dir):
+    out = opd_eval(
+        tmp_path,
+        models_dir,
+        "tasks=[arith,aime24,math500]",
+        f"task_paths.aime24={FIXTURES / 'aime24.jsonl'}",
+        f"task_paths.math500={FIXTURES / 'math500.jsonl'}",
+        "chat_template=false",
+        "eval.k=2",
+        "eval.n_problems=4",
+        "eval.max_new_tokens=16",
+        "pass_k=[1,2]",
+        "teacher_acc.arith=0.9",
+        "baseline_acc.arith=0.1",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert set(results) == {"arith", "aime24", "math500"}
+    assert results["arith"]["n_problems"] == 4 and results["aime24"]["n_problems"] == 2
+    for row in results.values():
+        assert row["pass@1"] == pytest.approx(row["avg@2"])  # pass@1 is the mean correctness
+        assert row["avg@2"] <= row["pass@2"] <= 1
+    assert results["arith"]["gap_recovery"] == pytest.approx((results["arith"]["avg@2"] - 0.1) / 0.8)
+    assert "| arith |" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["tasks=[nope]"], "error: tasks: unknown benchmark 'nope'; choose from: "),
+        (["eval.k=2", "pass_k=[5]"], "error: pass_k: 5 must be between 1 and eval.k (2)"),
+        (["tasks=[aime24]", "task_paths.aime24=/no/file.jsonl"], "error: task_paths.aime24: file not found"),
+    ],
+)
+def test_opd_eval_bad_input(args, message, tmp_path, models_dir):
+    out = opd_eval(tmp_path, models_dir, *args)
+    assert out.returncode == 2
+    assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
