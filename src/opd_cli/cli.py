@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -45,9 +46,22 @@ def describe_config_error(err: Exception) -> str:
     return f"{key}: {head}" if key and key not in head else head
 
 
+def sweep_group_and_tags(group: str | None, tags: list[str], multirun: bool, sweep_dir: str, overrides: list[str]):
+    """W&B grouping: the jobs of one sweep share a group (the sweep directory), and each job's
+    overrides become its tags (W&B caps a tag at 64 characters). Set values are kept."""
+    if not multirun:
+        return group, tags
+    extra = [o[:64] for o in overrides if not o.startswith(("hydra.", "hydra/"))]
+    return group or sweep_dir, list(tags) + [t for t in extra if t not in tags]
+
+
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    cfg.logger.group, cfg.logger.tags = sweep_group_and_tags(
+        cfg.logger.group, list(cfg.logger.tags), hc.mode == RunMode.MULTIRUN, hc.sweep.dir, list(hc.overrides.task)
+    )
     try:
         if cfg.trainer.nproc_per_node * cfg.trainer.nnodes > 1:
             from opd_cli.distributed import launch
