@@ -78,21 +78,26 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(EXIT_STOPPED)
 
 
-def main() -> None:
+def run_app(hydra_main) -> None:
+    """Run a ``@hydra.main`` function with bad input (ours, Hydra's, OmegaConf's) as one line, exit 2."""
     # Let exceptions reach us instead of Hydra's multi-line report, so that bad
     # input becomes one line; real crashes still print their full traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    # a launcher (hydra/launcher=slurm) only acts in multirun mode: a single run becomes a 1-job multirun
-    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
-    if any(a.startswith("hydra/launcher=") for a in sys.argv[1:]) and not modes & set(sys.argv):
-        sys.argv.insert(1, "--multirun")
     register_configs()
     try:
-        _hydra_main()
+        hydra_main()
     except UserError as e:
         fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         fail(describe_config_error(e))
+
+
+def main() -> None:
+    # a launcher (hydra/launcher=slurm) only acts in multirun mode: a single run becomes a 1-job multirun
+    modes = {"-m", "--multirun", "-c", "--cfg", "-i", "--info", "--shell-completion", "-sc"}
+    if any(a.startswith("hydra/launcher=") for a in sys.argv[1:]) and not modes & set(sys.argv):
+        sys.argv.insert(1, "--multirun")
+    run_app(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,14 @@ recovery rate. Writes ``eval.json`` and ``eval.md`` in the Hydra run directory.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from opd_cli.cli import CONF_DIR, describe_config_error, fail
-from opd_cli.config import TaskConfig, register_configs
+from opd_cli.cli import CONF_DIR, fail, run_app
+from opd_cli.config import TaskConfig
 from opd_cli.errors import UserError
 
 TASK_DIR = Path(CONF_DIR) / "task"
@@ -128,15 +124,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    register_configs()
-    try:
-        _hydra_main()
-    except UserError as e:
-        fail(str(e))
-    except (HydraException, OmegaConfBaseException) as e:
-        fail(describe_config_error(e))
+    run_app(_hydra_main)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
