@@ -57,3 +57,12 @@ def test_opd_eval_bad_input(args, message, tmp_path, models_dir):
     out = opd_eval(tmp_path, models_dir, *args)
     assert out.returncode == 2
     assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.integration
+def test_opd_eval_with_vllm_sampling(tmp_path, models_dir):
+    args = ["rollout=vllm", "tasks=[arith]", "eval.k=2", "eval.n_problems=4", "eval.max_new_tokens=16"]
+    out = opd_eval(tmp_path, models_dir, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads((tmp_path / "eval.json").read_text())["results"]["arith"]
+    assert row["n_problems"] == 4 and 0 <= row["avg@2"] <= 1
