@@ -8,7 +8,7 @@ ARGS ?=
 SWEEP_DEMO := trainer.max_steps=100 eval.every=25 eval.n_problems=64 logger=none
 REPORT_DIR ?= outputs/sweeps/sweep-k
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ sweep-loss: $(STAMP) ## sampled_token vs topk_lsm vs student_topk (demo-sized; i
 
 eval: $(STAMP) ## opd-eval: a model on benchmarks, e.g. ARGS="model.name_or_path=<checkpoint>/model tasks=[aime24,math500]"
 	$(VENV)/bin/opd-eval $(ARGS)
+
+study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, plots, report.md (outputs/studies/variance)
+	$(VENV)/bin/opd-study variance $(ARGS)
 
 report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default)
 	$(VENV)/bin/opd-report $(REPORT_DIR)

@@ -190,8 +190,28 @@ class EvaluateConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class VarianceStudyConfig:
+    """``opd-study variance`` (conf/study_variance.yaml documents each key)."""
+
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 2026])
+    horizon: int = 20
+    batch: int = 64
+    micro_batches: int = 8
+    iterations: int = 600
+    width: int = 32
+    teacher_iterations: int = 300
+    teacher_lr: float = 1e-2
+    student_lr: float = 3e-3
+    state_bins: int = 40
+    state_range: list[float] = field(default_factory=lambda: [-6.0, 6.0])
+    visit_iterations: int = 100
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="study_variance_schema", node=VarianceStudyConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
