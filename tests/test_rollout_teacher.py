@@ -17,7 +17,7 @@ def unpadded_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 def test_rollout_logprobs_and_teacher_scores_match_unpadded_recomputation(tiny_model, tiny_tokenizer):
-    engine = HFRollout(tiny_model, tiny_tokenizer, max_prompt_tokens=256)
+    engine = HFRollout(tiny_model, tiny_tokenizer)
     batch = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)
     k = 5
     support = HFTeacher(tiny_model, micro_batch_size=2, chunk_tokens=7).score(batch, k)
@@ -44,7 +44,7 @@ def test_rollout_logprobs_and_teacher_scores_match_unpadded_recomputation(tiny_m
 
 
 def test_top_p_restricts_samples_to_the_nucleus(tiny_model, tiny_tokenizer):
-    engine = HFRollout(tiny_model, tiny_tokenizer, max_prompt_tokens=256)
+    engine = HFRollout(tiny_model, tiny_tokenizer)
     batch = engine.generate(PROMPTS, n=4, temperature=1.0, top_p=0.3, max_new_tokens=8, seed=1)
     for row in range(batch.input_ids.shape[0]):
         ids = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()

@@ -30,7 +30,7 @@ def llm(saved_model):
 
 
 def test_teacher_topk_matches_hf(llm, tiny_model, tiny_tokenizer):
-    batch = HFRollout(tiny_model, tiny_tokenizer, 256).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
+    batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
     k = 8
     hf = HFTeacher(tiny_model, micro_batch_size=4, chunk_tokens=16).score(batch, k)
     vl = VLLMTeacher(llm).score(batch, k)
@@ -42,7 +42,7 @@ def test_teacher_topk_matches_hf(llm, tiny_model, tiny_tokenizer):
 
 
 def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer):
-    engine = VLLMRollout(llm, tiny_tokenizer, 256)
+    engine = VLLMRollout(llm, tiny_tokenizer)
     batch = engine.generate(PROMPTS, n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5)
     assert batch.input_ids.shape[0] == 9
     samples = [tuple(r[batch.response_mask[i]].tolist()) for i, r in enumerate(batch.input_ids)]
@@ -62,13 +62,13 @@ def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer
 def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer, 256)
+    engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer)
     model = AutoModelForCausalLM.from_pretrained(saved_model)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
     engine.sync(model)
-    hf = HFRollout(model, tiny_tokenizer, 256).generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)  # top-p ~0: greedy
+    hf = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)  # top-p ~0: greedy
     vl = engine.generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)
     for row in range(len(PROMPTS)):
         assert hf.input_ids[row][hf.response_mask[row]].tolist() == vl.input_ids[row][vl.response_mask[row]].tolist()
@@ -146,7 +146,7 @@ def test_teacher_server_matches_hf(teacher_server, models_dir):
     path = resolve_path("demo:teacher", compose_cfg(args))
     tok = load_tokenizer(path, "teacher.name_or_path")
     model = load_model(path, "teacher.name_or_path", "float32", torch.device("cpu"))
-    batch = HFRollout(model, tok, 256).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
+    batch = HFRollout(model, tok).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
     hf = HFTeacher(model, micro_batch_size=4, chunk_tokens=16).score(batch, 8)
     server = VLLMServerTeacher(url, tok)
     got = server.score(batch, 8)

@@ -74,7 +74,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except UserError as e:
         fail(str(e))
     except Stopped as e:
-        print(f"error: stopped by SIGTERM after saving step {e}; resume with trainer.resume=true", file=sys.stderr)
+        print(e.message(), file=sys.stderr)
         sys.exit(EXIT_STOPPED)
 
 

@@ -14,3 +14,6 @@ EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after saving a checkpoi
 
 class Stopped(Exception):
     """Raised after the checkpoint of a stop request (SIGTERM) is saved; carries the step."""
+
+    def message(self) -> str:
+        return f"error: stopped by SIGTERM after saving step {self}; resume with trainer.resume=true"

@@ -87,11 +87,11 @@ def run(cfg, out_dir: Path) -> dict:
             cfg.seed,
             ranks=False,
         )
-        sampler = VLLMRollout(llm, tok, cfg.rollout.max_prompt_tokens)
+        sampler = VLLMRollout(llm, tok)
     else:
         device = pick_device(cfg.device, Rank())
         model = load_model(path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-        sampler = HFRollout(model, tok, cfg.rollout.max_prompt_tokens)
+        sampler = HFRollout(model, tok)
     results = {}
     for name, (tcfg, problems, prompts) in benchmarks.items():
         correct = sample_correctness(sampler, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed)

@@ -146,10 +146,9 @@ def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
 class HFRollout:
     """Sampling with transformers' ``generate`` from the live student model."""
 
-    def __init__(self, model, tokenizer, max_prompt_tokens: int, synced: bool = False) -> None:
+    def __init__(self, model, tokenizer, synced: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
         # ZeRO-3: every rank keeps running forward passes until all ranks are done (HF's synced_gpus)
         self.synced = synced
 

@@ -199,17 +199,21 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def training_prompts(problems: list[Problem], cfg, tokenizer) -> list[str]:
-    """The formatted training prompts, leaving out those longer than ``rollout.max_prompt_tokens``."""
+def prompt_length(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def training_prompts(problems: list[Problem], cfg, tokenizer) -> tuple[list[str], int]:
+    """The formatted training prompts, leaving out those longer than ``rollout.max_prompt_tokens``,
+    and the longest length kept."""
     prompts = [format_prompt(p, cfg.task, tokenizer) for p in problems]
-    fits = [
-        p for p in prompts if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= cfg.rollout.max_prompt_tokens
-    ]
+    lengths = [prompt_length(tokenizer, p) for p in prompts]
+    fits = [p for p, n in zip(prompts, lengths, strict=True) if n <= cfg.rollout.max_prompt_tokens]
     if len(fits) < len(prompts):
         log.warning("%d prompts longer than rollout.max_prompt_tokens are left out", len(prompts) - len(fits))
     if not fits:
         raise UserError("rollout.max_prompt_tokens: every training prompt is longer than this")
-    return fits
+    return fits, max(n for n in lengths if n <= cfg.rollout.max_prompt_tokens)
 
 
 def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
@@ -229,11 +233,11 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         # scoring reads prompt + response and asks for one more token
         llm = make_llm(path, cfg.teacher.dtype, max_len + 1, max(20, cfg.loss.k), memory, cfg.trainer.seed, ranks)
         rows = llm.llm_engine.model_config.get_vocab_size()
-        return VLLMTeacher(llm), VLLMRollout(llm, tokenizer, cfg.rollout.max_prompt_tokens), rows
+        return VLLMTeacher(llm), VLLMRollout(llm, tokenizer), rows
     model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
     rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
     teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
-    sampler = HFRollout(model, tokenizer, cfg.rollout.max_prompt_tokens, synced=teacher.synced_generation)
+    sampler = HFRollout(model, tokenizer, synced=teacher.synced_generation)
     return teacher, sampler, rows
 
 
@@ -244,8 +248,8 @@ def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
 
         memory, ranks = cfg.rollout.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
         llm = make_llm(path, cfg.model.dtype, max_len, 20, memory, cfg.trainer.seed, ranks)
-        return VLLMRollout(llm, tokenizer, cfg.rollout.max_prompt_tokens)
-    return HFRollout(trainer.model, tokenizer, cfg.rollout.max_prompt_tokens, synced=trainer.synced_generation)
+        return VLLMRollout(llm, tokenizer)
+    return HFRollout(trainer.model, tokenizer, synced=trainer.synced_generation)
 
 
 def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
@@ -270,10 +274,6 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
 
-    if cfg.task.eval_only:
-        raise UserError(
-            f"task: '{cfg.task.dataset or cfg.task.path}' is an evaluation benchmark; train on another task"
-        )
     train_problems, eval_problems = load_problems(cfg.task)
     eval_problems = eval_problems[: cfg.eval.n_problems]
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
@@ -285,9 +285,9 @@ def train(cfg, run_dir: Path) -> dict:
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
     t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
     student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    train_prompts = training_prompts(train_problems, cfg, s_tok)
+    train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
-    longest = max(len(s_tok(p, add_special_tokens=False)["input_ids"]) for p in train_prompts + eval_prompts)
+    longest = max([longest] + [prompt_length(s_tok, p) for p in eval_prompts])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
     check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)

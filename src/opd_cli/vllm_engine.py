@@ -59,10 +59,9 @@ class VLLMRollout:
 
     synced = False
 
-    def __init__(self, llm, tokenizer, max_prompt_tokens: int) -> None:
+    def __init__(self, llm, tokenizer) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
-        self.max_prompt_tokens = max_prompt_tokens
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int

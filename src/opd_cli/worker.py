@@ -38,7 +38,7 @@ def main() -> None:
         sys.exit(2)
     except Stopped as e:
         if rank.main:
-            print(f"error: stopped by SIGTERM after saving step {e}; resume with trainer.resume=true", file=sys.stderr)
+            print(e.message(), file=sys.stderr)
         sys.exit(EXIT_STOPPED)
 
 
