@@ -8,7 +8,7 @@ ARGS ?=
 SWEEP_DEMO := trainer.max_steps=100 eval.every=25 eval.n_problems=64 logger=none
 REPORT_DIR ?= outputs/sweeps/sweep-k
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ eval: $(STAMP) ## opd-eval: a model on benchmarks, e.g. ARGS="model.name_or_path
 
 study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, plots, report.md (outputs/studies/variance)
 	$(VENV)/bin/opd-study variance $(ARGS)
+
+bench: $(STAMP) ## benchmarks: objective microbenchmark, one OPD step of opd-cli beside TRL's (outputs/bench/bench.{json,md})
+	$(PY) scripts/bench.py $(ARGS)
 
 report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default)
 	$(VENV)/bin/opd-report $(REPORT_DIR)

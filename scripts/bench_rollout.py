@@ -68,7 +68,7 @@ def main() -> None:
         return lambda: engine.generate(prompts, args.n, 1.0, 1.0, args.max_new_tokens, seed=1)
 
     rows = []
-    for name, engine in (("HF generate", HFRollout(student, tok)), ("vLLM", VLLMRollout(s_llm, tok))):
+    for name, engine in (("HF (opd-cli decoding loop)", HFRollout(student, tok)), ("vLLM", VLLMRollout(s_llm, tok))):
         secs, batch = best_time(rollout_with(engine), args.repeats)
         tokens = int(batch.response_mask.sum())
         rows.append(("rollout", name, tokens, secs))

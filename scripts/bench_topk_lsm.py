@@ -98,7 +98,7 @@ def child(args) -> dict:
     return {"path": args.path, "loss": value, "time_s": min(times), "extra_peak_bytes": peak - base - grads}
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--vocab", type=int, default=151936)
@@ -108,15 +108,25 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--path", choices=["gathered", "dense"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def measure(argv: list[str]) -> dict[str, dict]:
+    """Each path's row (time, extra peak memory, loss), measured in a child process of its own."""
+    rows = {}
+    for path in ("gathered", "dense"):
+        cmd = [sys.executable, __file__, "--path", path, *argv]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        rows[path] = json.loads(out.strip().splitlines()[-1])
+    return rows
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.path:
         print(json.dumps(child(args)))
         return
-    rows = {}
-    for path in ("gathered", "dense"):
-        cmd = [sys.executable, __file__, "--path", path] + sys.argv[1:]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows[path] = json.loads(out.strip().splitlines()[-1])
+    rows = measure(sys.argv[1:])
     g, dn = rows["gathered"], rows["dense"]
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, K {args.k}, float32, forward + backward")

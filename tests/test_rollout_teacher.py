@@ -1,10 +1,14 @@
 """Rollouts and teacher scoring on a tiny real Qwen2 model, against direct recomputation."""
 
+import copy
+import dataclasses
+
+import pytest
 import torch
 
 from opd_cli.objectives import chunk_bounds
-from opd_cli.rollout import HFRollout
-from opd_cli.teacher import HFTeacher
+from opd_cli.rollout import HFRollout, RolloutBatch, sample_top_p
+from opd_cli.teacher import HFTeacher, response_hidden
 
 PROMPTS = ["Question: Ann has 12 pens.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: A box holds 57 coins and more\nA:"]
 
@@ -61,3 +65,72 @@ def test_top_p_restricts_samples_to_the_nucleus(tiny_model, tiny_tokenizer):
 def test_chunk_bounds_cover_exactly():
     assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
     assert chunk_bounds(0, 3) == []
+
+
+def nucleus_reference(probs: list[float], temperature: float, top_p: float) -> torch.Tensor:
+    """The top-p distribution the obviously-correct way: float64, sort, keep the tokens whose
+    strictly-more-likely mass is below top_p, renormalize."""
+    p = torch.tensor(probs, dtype=torch.float64) ** (1 / temperature)
+    p = p / p.sum()
+    above = torch.tensor([p[p > v].sum() for v in p])
+    kept = torch.where(above < top_p, p, torch.zeros_like(p))
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize(
+    "probs, temperature, top_p",
+    [
+        ([0.3, 0.25, 0.2, 0.15, 0.07, 0.03], 1.0, 1.0),
+        ([0.3, 0.25, 0.2, 0.15, 0.07, 0.03], 1.0, 0.7),  # nucleus {0, 1, 2}: mostly accepted at once
+        ([0.3, 0.25, 0.2, 0.15, 0.07, 0.03], 0.5, 0.7),  # temperature sharpens first
+        ([0.05, 0.04, 0.03] + [0.88 / 88] * 88, 1.0, 0.1),  # nucleus mass 0.12: most rows need the sorted path
+        ([0.25, 0.25, 0.25, 0.25], 1.0, 0.3),  # ties: tokens equally likely are in or out together
+    ],
+)
+def test_sample_top_p_draws_the_nucleus_distribution(probs, temperature, top_p):
+    n = 60_000
+    logits = torch.tensor(probs).log().expand(n, -1).contiguous()
+    draws = sample_top_p(logits, temperature, top_p, torch.Generator().manual_seed(0))
+    ref = nucleus_reference(probs, temperature, top_p)
+    freq = torch.bincount(draws, minlength=len(probs)).double() / n
+    assert (freq[ref == 0] == 0).all(), "a token outside the nucleus was drawn"
+    sigma = (ref * (1 - ref) / n).sqrt()
+    assert ((freq - ref).abs() <= 5 * sigma + 1e-12).all(), (freq, ref)
+
+
+def test_shared_prompt_pass_equals_one_pass_per_row(tiny_model, tiny_tokenizer):
+    """Prompts run once and their KV cache is repeated: same hidden states and same gradients."""
+    model = copy.deepcopy(tiny_model).requires_grad_(True)  # the teacher tests freeze the shared one
+    batch = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 3, 1.0, 1.0, 10, seed=0)
+    solo = dataclasses.replace(batch, prompt_index=torch.arange(batch.input_ids.shape[0]))  # nothing shared
+    assert len(batch.prompt_groups()[0]) == len(PROMPTS) and len(solo.prompt_groups()[0]) == len(solo.prompt_index)
+    weight = None
+    results = []
+    for b in (batch, solo):
+        model.zero_grad()
+        h, y = response_hidden(model, b)
+        if weight is None:
+            weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+        (h * weight).sum().backward()
+        grads = [q.grad.clone() for q in model.parameters()]
+        results.append((h.detach(), y, grads))
+    model.zero_grad()
+    (h1, y1, g1), (h2, y2, g2) = results
+    assert y1.equal(y2)
+    torch.testing.assert_close(h1, h2, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in g1)
+
+
+def test_select_drops_columns_that_are_padding_in_every_selected_row():
+    # row 0: prompt of 1 token, response of 3; row 1: prompt of 3 tokens, response of 1
+    attn = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    resp = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0]]).bool()
+    ids = torch.arange(12).reshape(2, 6)
+    batch = RolloutBatch(ids, attn, resp, resp.float(), torch.zeros(2, dtype=torch.bool), torch.arange(2), 3)
+    short = batch.select(torch.tensor([1]))
+    assert short.input_ids.tolist() == [[6, 7, 8, 9]] and short.prompt_len == 3
+    late = batch.select(torch.tensor([0]))
+    assert late.input_ids.tolist() == [[2, 3, 4, 5]] and late.prompt_len == 1
+    assert late.response_mask.tolist() == [[False, True, True, True]]

@@ -1,6 +1,8 @@
 """Rollouts: the student samples responses to prompts.
 
-``HFRollout`` uses transformers' ``generate``. A rollout engine returns a
+``HFRollout`` samples from the live transformers model with its own decoding loop
+(``sample_responses``: shared prompt prefill, exact top-p without sorting, finished
+rows dropped). A rollout engine returns a
 ``RolloutBatch``: prompt and response ids in one left-padded layout, masks, and
 the sampler's log-probs of the sampled tokens (``old_logprobs``).
 
@@ -39,16 +41,25 @@ class RolloutBatch:
         return position_ids(self.attention_mask)
 
     def select(self, rows: torch.Tensor) -> RolloutBatch:
-        """The sub-batch of the given rows (e.g. a micro-batch)."""
+        """The sub-batch of the given rows (e.g. a micro-batch), without columns that are padding in all of them."""
+        used = self.attention_mask[rows].bool().any(0).nonzero().squeeze(-1)
+        lo = min(int(used[0]), self.prompt_len - 1)
+        cols = slice(lo, int(used[-1]) + 1)
         return RolloutBatch(
-            self.input_ids[rows],
-            self.attention_mask[rows],
-            self.response_mask[rows],
-            self.old_logprobs[rows],
+            self.input_ids[rows, cols],
+            self.attention_mask[rows, cols],
+            self.response_mask[rows, cols],
+            self.old_logprobs[rows, cols],
             self.truncated[rows],
             self.prompt_index[rows],
-            self.prompt_len,
+            self.prompt_len - lo,
         )
+
+    def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first row of each run of rows answering the same prompt, and each row's run number."""
+        new = torch.ones_like(self.prompt_index, dtype=torch.bool)
+        new[1:] = self.prompt_index[1:] != self.prompt_index[:-1]
+        return new.nonzero().squeeze(-1), new.long().cumsum(0) - 1
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,32 +79,6 @@ def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
     is_eos = response == eos_id
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return ~after_eos, ~is_eos.any(-1)
-
-
-class _SampledLogprobRecorder:
-    """A logits processor that records log p(sampled token) without changing the logits.
-
-    It runs before temperature and top-p (transformers puts custom processors
-    first), sees the raw next-token logits at step t, and at step t + 1 reads which
-    token was chosen. Only one step of [B, V] log-probs is held at a time.
-    """
-
-    def __init__(self) -> None:
-        self.prev: torch.Tensor | None = None
-        self.picked: list[torch.Tensor] = []
-
-    def _collect(self, chosen: torch.Tensor) -> None:
-        if self.prev is not None:
-            self.picked.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._collect(input_ids[:, -1])
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
-        self._collect(last_tokens)
-        return torch.stack(self.picked, dim=1)
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +128,87 @@ def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
     ]
 
 
+def nucleus_member(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Whether each row's token ``ids [B]`` is in that row's top-p nucleus of ``probs [B, V]``.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``:
+    a token is in it when the tokens strictly more likely than it hold less than ``top_p``.
+    """
+    p_id = probs.gather(-1, ids[:, None])
+    return (probs * (probs > p_id)).sum(-1) < top_p
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` from softmax(logits / T) restricted to the top-p nucleus.
+
+    Exact, without sorting the vocabulary: draw from the whole distribution by inverting
+    its CDF and keep the draw if it lies in the nucleus (rejection sampling, which gives
+    the distribution conditioned on the nucleus). A round accepts with probability of at
+    least ``top_p``; rows still rejected after a few rounds are sampled by sorting.
+    """
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    todo = torch.arange(probs.shape[0], device=probs.device)
+    cdf = probs.cumsum(-1)
+    for _ in range(4):
+        u = torch.rand(todo.shape[0], 1, generator=generator, device=probs.device) * cdf[todo, -1:]
+        ids = torch.searchsorted(cdf[todo], u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
+        ok = nucleus_member(probs[todo], ids, top_p) if top_p < 1 else torch.ones_like(ids, dtype=torch.bool)
+        out[todo[ok]] = ids[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return out
+    sorted_p, order = probs[todo].sort(dim=-1, descending=True)
+    # mass strictly above each token: the mass before the first token of its tie group
+    first = torch.searchsorted(-sorted_p, -sorted_p)
+    sorted_p = sorted_p.masked_fill((sorted_p.cumsum(-1) - sorted_p).gather(-1, first) >= top_p, 0)
+    picked = torch.multinomial(sorted_p, 1, generator=generator)
+    out[todo] = order.gather(-1, picked).squeeze(-1)
+    return out
+
+
+@torch.no_grad()
+def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, synced=False):
+    """``n`` responses per left-padded prompt, ``[B * n, T]`` ids and their log-probs.
+
+    The prompts are prefilled once and their KV cache repeated ``n`` times. Rows that
+    finished are dropped from the batch once they are a quarter of it. Each step the
+    sampled token's full-vocabulary temperature-1 log-prob is recorded. ``synced``
+    (ZeRO-3): keep running forward passes until every rank is done.
+    """
+    from opd_cli.distributed import all_reduce
+
+    device = ids.device
+    pos = position_ids(attn)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    rows = torch.arange(ids.shape[0] * n, device=device)  # output row of each cache row
+    cache.batch_select_indices(rows // n)
+    logits = out.logits[:, -1].repeat_interleave(n, 0)
+    attn, pos = attn.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
+    tokens = torch.full((rows.shape[0], max_new_tokens), pad, dtype=torch.long, device=device)
+    logps = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+    live = torch.ones_like(rows, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        tok = sample_top_p(logits, temperature, top_p, generator)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
+        tokens[rows[live], t] = tok[live]
+        logps[rows[live], t] = lp[live]
+        live &= tok != eos
+        if t == max_new_tokens - 1 or not (all_reduce([float(live.any())], op="max")[0] if synced else live.any()):
+            break
+        if live.sum() * 4 <= live.shape[0] * 3 and live.any():  # compact: drop finished rows
+            keep = live.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            rows, live, tok, attn, pos = rows[keep], live[keep], tok[keep], attn[keep], pos[keep]
+        attn, pos = torch.cat([attn, torch.ones_like(attn[:, :1])], 1), pos + 1
+        out = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        logits = out.logits[:, -1]
+    return tokens[:, : t + 1], logps[:, : t + 1]
+
+
 class HFRollout:
     """Sampling with transformers' ``generate`` from the live student model."""
 
@@ -163,36 +229,18 @@ class HFRollout:
         seed: int,
     ) -> RolloutBatch:
         """``n`` samples for each prompt, the samples of one prompt adjacent."""
-        from transformers import GenerationConfig, LogitsProcessorList
-
         ids, attn = encode_prompts(self.tokenizer, prompts)
-        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         device = self.model.device
-        eos = self.tokenizer.eos_token_id
-        recorder = _SampledLogprobRecorder()
-        gen_cfg = GenerationConfig(
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        torch.manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList([recorder]),
-            synced_gpus=self.synced,
-        ).cpu()
+        response, logps = sample_responses(
+            self.model, ids.to(device), attn.to(device), n, temperature, top_p, max_new_tokens,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.synced,
+        )  # fmt: skip
         self.model.train(was_training)
-        response = out[:, ids.shape[1] :]
-        logps = recorder.finish(response[:, -1].to(device)).cpu()
-        return build_batch(ids, attn, response, logps, eos, len(prompts), n)
+        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        return build_batch(ids, attn, response.cpu(), logps.cpu(), self.tokenizer.eos_token_id, len(prompts), n)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         return decode_responses(self.tokenizer, batch)

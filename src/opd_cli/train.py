@@ -14,6 +14,7 @@ import os
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,18 +117,46 @@ def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg,
     return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed))
 
 
-def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg, rank: Rank) -> dict[str, float]:
-    """One training step on this rank's share of the prompts; returns the job's metrics."""
-    t0 = time.perf_counter()
-    rc = cfg.rollout
-    seed = cfg.trainer.seed * 7919 + step + 1_000_003 * rank.rank
-    batch = rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
-    t1 = time.perf_counter()
-    support = teacher.score(batch, cfg.loss.k, keep_hidden="full" in objective.teacher_needs)
-    t2 = time.perf_counter()
-    x, offsets = token_inputs(batch, support, mask_ids, cfg.loss)
-    trainer.model.train()
+class PhaseClock:
+    """Wall time per phase of a step; waits for queued GPU work so each phase is charged its own."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.last = self._now()
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        now = self._now()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+
+PHASES = ("rollout", "teacher", "student", "optimizer", "sync")
+
+
+def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[str, float]:
+    """One training step on this rank's share of the prompts; returns the job's metrics.
+
+    ``time/<phase>_s`` says where the step's wall time went: rollout, teacher scoring,
+    student forward + backward (with the objective and diagnostics), optimizer, and
+    the weight push into a separate rollout engine.
+    """
+    trainer, rc = p.trainer, cfg.rollout
     device = trainer.model.device
+    clock = PhaseClock(device)
+    seed = cfg.trainer.seed * 7919 + step + 1_000_003 * rank.rank
+    batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+    clock.lap("rollout")
+    support = p.teacher.score(batch, cfg.loss.k, keep_hidden="full" in p.objective.teacher_needs)
+    clock.lap("teacher")
+    x, offsets = token_inputs(batch, support, p.mask_ids, cfg.loss)
+    trainer.model.train()
     sums = MetricSums()
     loss_total = 0.0
     norms = []
@@ -140,15 +169,18 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg,
         for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
             micro = batch.select(torch.arange(r0 + m0, r0 + m1))
             xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(device)
-            loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
+            loss_sum, msums = trainer.loss(micro, xm, p.objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
             # the engine averages gradients over ranks: scale by the world size to get the global token-mean
             trainer.backward(loss_sum * (rank.world / mb_weight))
             loss_total += loss_sum.item()
             sums.merge(msums)
+        clock.lap("student")
         norms.append(trainer.optimizer_step())
+        clock.lap("optimizer")
     trainer.scheduler.step()
-    rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
-    t3 = time.perf_counter()
+    p.rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
+    clock.lap("sync")
+    step_time = sum(clock.seconds.values())
     lengths = batch.response_mask.sum(1).float()
     responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
     keys = all_keys(list(sums.sums))
@@ -168,10 +200,10 @@ def opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg,
         response_length=n_tokens / n_rows,
         response_length_max=length_max,
         lr=trainer.scheduler.get_last_lr()[0],
-        tokens_per_s=n_tokens / (t3 - t0),
-        step_time_s=t3 - t0,
+        tokens_per_s=n_tokens / step_time,
+        step_time_s=step_time,
         peak_mem_gb=peak_mem,
-        **{"time/rollout_s": t1 - t0, "time/teacher_s": t2 - t1, "time/train_s": t3 - t2},
+        **{f"time/{k}_s": clock.seconds.get(k, 0.0) for k in PHASES},
     )
     return metrics
 
@@ -242,7 +274,7 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
 
 
 def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
-    """The student's sampling engine: HF generate on the live model, or a vLLM engine fed its weights."""
+    """The student's sampling engine: the live HF model (our decoding loop), or a vLLM engine fed its weights."""
     if cfg.rollout.engine == "vllm":
         from opd_cli.vllm_engine import VLLMRollout, make_llm
 
@@ -260,6 +292,53 @@ def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
             t_path = resolve_path(cfg.teacher.name_or_path, cfg)
         barrier()
     return s_path, t_path
+
+
+@dataclass
+class Parts:
+    """Everything a training step needs, built from the config (see ``build``)."""
+
+    tokenizer: object
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    teacher: object
+    teacher_sampler: object
+    objective: object
+    mask_ids: list[int]
+    checker: object
+    trainer: object
+    rollout: object
+
+
+def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
+    """Load the models and make the engines, teacher and objective of a run (``opd-train`` and ``make bench``)."""
+    s_path, t_path = resolve_models(cfg, ckpt, rank)
+    s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
+    t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
+    train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
+    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
+    longest = max([longest] + [prompt_length(s_tok, p) for p in eval_prompts])
+    max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
+    check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
+    objective = make_objective(cfg.loss, teacher.head)
+    check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
+    mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
+    trainer = make_trainer(student, cfg.trainer, rank)
+    rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
+    return Parts(
+        s_tok,
+        train_prompts,
+        eval_prompts,
+        teacher,
+        teacher_sampler,
+        objective,
+        mask_ids,
+        make_checker(cfg.task),
+        trainer,
+        rollout,
+    )
 
 
 def train(cfg, run_dir: Path) -> dict:
@@ -281,40 +360,25 @@ def train(cfg, run_dir: Path) -> dict:
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
-    s_path, t_path = resolve_models(cfg, ckpt, rank)
-    s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
-    t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
-    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-    train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
-    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
-    longest = max([longest] + [prompt_length(s_tok, p) for p in eval_prompts])
-    max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
-    check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
-    objective = make_objective(cfg.loss, teacher.head)
-    check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
-    mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
-    checker = make_checker(cfg.task)
-
-    trainer = make_trainer(student, cfg.trainer, rank)
-    student = trainer.model
+    p = build(cfg, rank, device, ckpt, train_problems, eval_problems)
     state: dict = {}
     if ckpt is not None:
-        state = trainer.load(ckpt)
+        state = p.trainer.load(ckpt)
         log.info("resuming from %s (step %d)", ckpt, state["step"])
-    rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
     start = state.get("step", 0)
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     eval_seed = cfg.trainer.seed * 104_729
 
     def evaluate_student() -> float:
-        return evaluate(rollout, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
+        return evaluate(p.rollout, eval_problems, p.eval_prompts, p.checker, cfg.eval, eval_seed)
 
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluate(teacher_sampler, eval_problems, eval_prompts, checker, cfg.eval, eval_seed)
+            state["acc_teacher"] = evaluate(
+                p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, eval_seed
+            )
             state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
@@ -323,17 +387,17 @@ def train(cfg, run_dir: Path) -> dict:
         bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)
         stop = StopRequest()
         for step in bar:
-            prompts = shard(step_prompts(train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
-            metrics = opd_step(step, prompts, rollout, teacher, objective, trainer, mask_ids, cfg, rank)
+            prompts = shard(step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
+            metrics = opd_step(step, prompts, p, cfg, rank)
             last = step == cfg.trainer.max_steps
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
                 acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student()
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
             if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                trainer.save(run_dir, step, s_tok, state)
+                p.trainer.save(run_dir, step, p.tokenizer, state)
             elif stop.requested():
-                trainer.save(run_dir, step, s_tok, state)
+                p.trainer.save(run_dir, step, p.tokenizer, state)
                 log.warning("stop requested (SIGTERM): saved the checkpoint of step %d", step)
                 raise Stopped(step)
         after = state.get("acc_last", state["acc_before"])
