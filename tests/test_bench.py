@@ -16,6 +16,7 @@ def test_bench_times_opd_cli_and_trl_steps_and_writes_the_tables(tmp_path, model
         sys.executable,
         "scripts/bench.py",
         "--steps=2",
+        "--rounds=1",
         "--warmup=1",
         "--losses=topk_lsm,full_rkl",
         "--objective-args=--tokens 64 --vocab 256 --hidden 32 --k 4 --repeats 1",

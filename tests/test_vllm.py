@@ -163,3 +163,16 @@ def test_cli_with_teacher_server(teacher_server, tmp_path, models_dir):
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["eval/acc_teacher"] >= 0
+
+
+@pytest.mark.parametrize("key", ["rollout.sleep", "teacher.sleep"])
+def test_sleep_mode_asked_for_on_cpu_is_refused_in_one_line(tmp_path, models_dir, key):
+    import subprocess
+
+    from .conftest import CLI_ENV, REPO, cli_argv
+
+    args = ["rollout=vllm", "teacher.backend=vllm", f"{key}=true", "trainer.max_steps=1", "logger=none"]
+    out = subprocess.run(cli_argv(tmp_path, models_dir, *args), capture_output=True, text=True, cwd=REPO, env=CLI_ENV)
+    assert out.returncode == 2
+    assert f"error: {key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -37,6 +37,7 @@ class TeacherConfig:
     shard: bool = False
     gpu_memory_utilization: float = 0.3
     url: str | None = None
+    sleep: bool | None = None
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RolloutConfig:
     max_new_tokens: int = 64
     max_prompt_tokens: int = 256
     gpu_memory_utilization: float = 0.3
+    sleep: bool | None = None
 
 
 @dataclass

@@ -245,5 +245,8 @@ class HFRollout:
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         return decode_responses(self.tokenizer, batch)
 
+    def release(self) -> None:
+        """Nothing to do: this engine holds no memory of its own."""
+
     def sync(self, model, zero3: bool) -> None:
         """Nothing to do: this engine samples from the live model."""

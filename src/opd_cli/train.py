@@ -152,6 +152,7 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     clock = PhaseClock(device)
     seed = cfg.trainer.seed * 7919 + step + 1_000_003 * rank.rank
     batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+    p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     clock.lap("rollout")
     support = p.teacher.score(batch, cfg.loss.k, keep_hidden="full" in p.objective.teacher_needs)
     clock.lap("teacher")
@@ -259,13 +260,17 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         rows = AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
         return server, server, rows
     if cfg.teacher.backend == "vllm":
-        from opd_cli.vllm_engine import VLLMRollout, VLLMTeacher, make_llm
+        from opd_cli.vllm_engine import EngineMemory, VLLMRollout, VLLMTeacher, make_llm, sleep_level
 
         memory, ranks = cfg.teacher.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
+        level = sleep_level(cfg.teacher.sleep, 1, "teacher.sleep")
         # scoring reads prompt + response and asks for one more token
-        llm = make_llm(path, cfg.teacher.dtype, max_len + 1, max(20, cfg.loss.k), memory, cfg.trainer.seed, ranks)
+        llm = make_llm(
+            path, cfg.teacher.dtype, max_len + 1, max(20, cfg.loss.k), memory, cfg.trainer.seed, ranks, level > 0
+        )
         rows = llm.llm_engine.model_config.get_vocab_size()
-        return VLLMTeacher(llm), VLLMRollout(llm, tokenizer), rows
+        engine_memory = EngineMemory(llm, level)
+        return VLLMTeacher(llm, engine_memory), VLLMRollout(llm, tokenizer, engine_memory), rows
     model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
     rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
     teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
@@ -276,11 +281,12 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
 def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
     """The student's sampling engine: the live HF model (our decoding loop), or a vLLM engine fed its weights."""
     if cfg.rollout.engine == "vllm":
-        from opd_cli.vllm_engine import VLLMRollout, make_llm
+        from opd_cli.vllm_engine import EngineMemory, VLLMRollout, make_llm, sleep_level
 
         memory, ranks = cfg.rollout.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
-        llm = make_llm(path, cfg.model.dtype, max_len, 20, memory, cfg.trainer.seed, ranks)
-        return VLLMRollout(llm, tokenizer)
+        level = sleep_level(cfg.rollout.sleep, 2, "rollout.sleep")
+        llm = make_llm(path, cfg.model.dtype, max_len, 20, memory, cfg.trainer.seed, ranks, level > 0)
+        return VLLMRollout(llm, tokenizer, EngineMemory(llm, level))
     return HFRollout(trainer.model, tokenizer, synced=trainer.synced_generation)
 
 

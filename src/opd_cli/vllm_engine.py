@@ -27,12 +27,70 @@ def set_vllm_environment() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
-def make_llm(path: str, dtype: str, max_model_len: int, max_logprobs: int, memory: float, seed: int, ranks: bool):
-    """One vLLM engine in this process; with ``ranks`` (the DeepSpeed engine) it joins their process group."""
+def sleep_level(asked: bool | None, level: int, key: str) -> int:
+    """The sleep level an engine uses between phases: 0 (never sleeps) where sleep mode is off or missing.
+
+    ``asked`` is the config's value: null turns sleep mode on where vLLM has it (CUDA,
+    ROCm, XPU), true insists on it, false turns it off.
+    """
+    set_vllm_environment()
+    from vllm.platforms import current_platform
+
+    available = current_platform.is_sleep_mode_available()
+    if asked and not available:
+        raise UserError(f"{key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none")
+    return level if (available if asked is None else asked) else 0
+
+
+class EngineMemory:
+    """vLLM sleep mode: an engine gives its GPU memory back between phases and takes it back when needed.
+
+    Level 1 keeps a CPU copy of the weights (the teacher's engine: its weights never
+    change); level 2 drops them (the student's engine: it is sent new weights after
+    every optimizer step anyway). Level 0 never sleeps (CPU, or sleep mode off).
+    """
+
+    def __init__(self, llm, level: int) -> None:
+        self.llm, self.level, self.asleep = llm, level, False
+
+    def release(self) -> None:
+        if self.level and not self.asleep:
+            self.llm.sleep(level=self.level)
+            self.asleep = True
+
+    def wake(self, load=None) -> None:
+        """Take the memory back; ``load()`` puts new weights in before the KV cache is allocated again."""
+        if not self.asleep:
+            if load is not None:
+                load()
+            return
+        if load is None and self.level == 2:
+            raise RuntimeError("the engine dropped its weights while asleep: wake it with new ones (sync)")
+        self.llm.wake_up(tags=["weights"])
+        if load is not None:
+            load()
+        self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
+
+
+def make_llm(
+    path: str,
+    dtype: str,
+    max_model_len: int,
+    max_logprobs: int,
+    memory: float,
+    seed: int,
+    ranks: bool,
+    sleep: bool = False,
+):
+    """One vLLM engine in this process; with ``ranks`` (the DeepSpeed engine) it joins their process group.
+
+    ``sleep`` enables vLLM's sleep mode (see ``EngineMemory``).
+    """
     set_vllm_environment()
     from vllm import LLM
 
-    extra = {}
+    extra = {"enable_sleep_mode": True} if sleep else {}
     if ranks:
         extra["distributed_executor_backend"] = "external_launcher"  # one engine per rank, no own processes
     return LLM(
@@ -55,13 +113,21 @@ def _push(worker, state_dict) -> bool:
 
 
 class VLLMRollout:
-    """Sampling with vLLM: one request per sample, each with its own seed."""
+    """Sampling with vLLM: one request per sample, each with its own seed.
+
+    ``memory`` (sleep mode): ``release()`` after a training rollout gives the engine's GPU
+    memory back until ``sync`` brings the next weights.
+    """
 
     synced = False
 
-    def __init__(self, llm, tokenizer) -> None:
+    def __init__(self, llm, tokenizer, memory: EngineMemory | None = None) -> None:
         self.llm = llm
         self.tokenizer = tokenizer
+        self.memory = memory or EngineMemory(llm, 0)
+
+    def release(self) -> None:
+        self.memory.release()
 
     def generate(
         self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
@@ -69,6 +135,7 @@ class VLLMRollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self.memory.wake()
         ids, attn = encode_prompts(self.tokenizer, prompts)
         requests, params = [], []
         for i in range(len(prompts)):
@@ -108,7 +175,7 @@ class VLLMRollout:
         params = list(model.parameters()) if gather_zero3 else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather_zero3):
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.llm.collective_rpc(_push, args=(state,))
+        self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))
 
 
 def support_from_prompt_logprobs(batch: RolloutBatch, rows: list[list], k: int) -> TeacherSupport:
@@ -149,8 +216,9 @@ class VLLMTeacher:
     synced_generation = False
     head = None  # no full distribution: objectives that need it are refused
 
-    def __init__(self, llm) -> None:
+    def __init__(self, llm, memory: EngineMemory | None = None) -> None:
         self.llm = llm
+        self.memory = memory or EngineMemory(llm, 0)  # sleep mode: asleep except while scoring
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:
@@ -158,7 +226,9 @@ class VLLMTeacher:
         from vllm.inputs import TokensPrompt
 
         prompts = [TokensPrompt(prompt_token_ids=row) for row in unpadded_rows(batch)]
+        self.memory.wake()
         outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+        self.memory.release()
         rows = [
             [None] + [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in o.prompt_logprobs[1:]] for o in outs
         ]
