@@ -210,7 +210,7 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
 
 
 class HFRollout:
-    """Sampling with transformers' ``generate`` from the live student model."""
+    """Sampling from the live transformers model with ``sample_responses`` (our decoding loop)."""
 
     def __init__(self, model, tokenizer, synced: bool = False) -> None:
         self.model = model
