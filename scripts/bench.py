@@ -41,8 +41,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+from opd_cli.train import PHASES  # noqa: E402  (after the environment: it imports transformers)
+
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("rollout", "teacher", "student", "optimizer", "sync")
 
 
 def compose(overrides: list[str]):
