@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from opd_cli import objectives
 from opd_cli.objectives import (
     TokenInputs,
     discounted_returns,
@@ -169,7 +170,10 @@ def check_preset(name, k, chunk=1024, cfg_overrides=None, **kw):
 
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("k", [1, 5, V])
-def test_preset_matches_reference(name, k):
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_preset_matches_reference(name, k, dense, monkeypatch):
+    """``dense``: gather_logits multiplies by the whole head and picks columns (small vocabularies)."""
+    monkeypatch.setattr(objectives, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
     check_preset(name, k)
 
 
@@ -225,21 +229,25 @@ def test_jsd_endpoints_are_the_kls():
         torch.testing.assert_close(jsd, kl)
 
 
-def test_gather_logits_in_small_chunks_matches_dense():
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_gather_logits_matches_dense_reference(dense, monkeypatch):
     g = torch.Generator().manual_seed(5)
     h = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 13, (9, 3), generator=g)  # repeated ids: dW must accumulate
     coef = torch.randn(9, 3, generator=g, dtype=torch.float64)
-    from opd_cli.objectives import _GatherLogits
-
-    (coef * _GatherLogits.apply(h, w, ids, 2)).sum().backward()
+    monkeypatch.setattr(objectives, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
+    (coef * gather_logits(h, w, ids)).sum().backward()
     gh, gw = h.grad.clone(), w.grad.clone()
+    if not dense:  # the gathered path in chunks of 2 rows
+        h.grad = w.grad = None
+        (coef * objectives._GatherLogits.apply(h, w, ids, 2)).sum().backward()
+        torch.testing.assert_close(gh, h.grad)
+        torch.testing.assert_close(gw, w.grad)
     h.grad = w.grad = None
     (coef * (h @ w.T).gather(-1, ids)).sum().backward()
     torch.testing.assert_close(gh, h.grad)
     torch.testing.assert_close(gw, w.grad)
-    torch.testing.assert_close(gather_logits(h, w, ids), (h @ w.T).gather(-1, ids))
 
 
 @pytest.mark.parametrize("dual", [None, 3.0])

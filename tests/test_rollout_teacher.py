@@ -1,14 +1,11 @@
 """Rollouts and teacher scoring on a tiny real Qwen2 model, against direct recomputation."""
 
-import copy
-import dataclasses
-
 import pytest
 import torch
 
 from opd_cli.objectives import chunk_bounds
 from opd_cli.rollout import HFRollout, RolloutBatch, sample_top_p
-from opd_cli.teacher import HFTeacher, response_hidden
+from opd_cli.teacher import HFTeacher
 
 PROMPTS = ["Question: Ann has 12 pens.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: A box holds 57 coins and more\nA:"]
 
@@ -96,31 +93,6 @@ def test_sample_top_p_draws_the_nucleus_distribution(probs, temperature, top_p):
     assert (freq[ref == 0] == 0).all(), "a token outside the nucleus was drawn"
     sigma = (ref * (1 - ref) / n).sqrt()
     assert ((freq - ref).abs() <= 5 * sigma + 1e-12).all(), (freq, ref)
-
-
-def test_shared_prompt_pass_equals_one_pass_per_row(tiny_model, tiny_tokenizer):
-    """Prompts run once and their KV cache is repeated: same hidden states and same gradients."""
-    model = copy.deepcopy(tiny_model).requires_grad_(True)  # the teacher tests freeze the shared one
-    batch = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 3, 1.0, 1.0, 10, seed=0)
-    solo = dataclasses.replace(batch, prompt_index=torch.arange(batch.input_ids.shape[0]))  # nothing shared
-    assert len(batch.prompt_groups()[0]) == len(PROMPTS) and len(solo.prompt_groups()[0]) == len(solo.prompt_index)
-    weight = None
-    results = []
-    for b in (batch, solo):
-        model.zero_grad()
-        h, y = response_hidden(model, b)
-        if weight is None:
-            weight = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
-        (h * weight).sum().backward()
-        grads = [q.grad.clone() for q in model.parameters()]
-        results.append((h.detach(), y, grads))
-    model.zero_grad()
-    (h1, y1, g1), (h2, y2, g2) = results
-    assert y1.equal(y2)
-    torch.testing.assert_close(h1, h2, atol=1e-5, rtol=1e-5)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert any(g.abs().sum() > 0 for g in g1)
 
 
 def test_select_drops_columns_that_are_padding_in_every_selected_row():

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from opd_cli.checkpoint import STATE_FILE, checkpoint_dirs, commit, load_rng, load_state, save_rng
 from opd_cli.distributed import Rank, barrier
 from opd_cli.objectives import student_loss_and_metrics
-from opd_cli.teacher import lm_head_weight, response_hidden
+from opd_cli.packed import response_hidden
+from opd_cli.teacher import lm_head_weight
 
 
 class StudentLoss(torch.nn.Module):

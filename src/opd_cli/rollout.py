@@ -171,21 +171,21 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
 def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, synced=False):
     """``n`` responses per left-padded prompt, ``[B * n, T]`` ids and their log-probs.
 
-    The prompts are prefilled once and their KV cache repeated ``n`` times. Rows that
+    The prompts are prefilled once and their keys and values repeated ``n`` times
+    (``opd_cli.decoding``: a preallocated buffer per layer). Rows that
     finished are dropped from the batch once they are a quarter of it. Each step the
     sampled token's full-vocabulary temperature-1 log-prob is recorded. ``synced``
     (ZeRO-3): keep running forward passes until every rank is done.
     """
+    from opd_cli.decoding import prefill
     from opd_cli.distributed import all_reduce
 
     device = ids.device
     pos = position_ids(attn)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    rows = torch.arange(ids.shape[0] * n, device=device)  # output row of each cache row
-    cache.batch_select_indices(rows // n)
-    logits = out.logits[:, -1].repeat_interleave(n, 0)
-    attn, pos = attn.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
+    decoder, logits = prefill(model, ids, attn, pos, ids.shape[1] + max_new_tokens)
+    rows = torch.arange(ids.shape[0] * n, device=device)  # output row of each decoder row
+    decoder.select(rows // n)
+    logits, pos = logits.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
     tokens = torch.full((rows.shape[0], max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
     live = torch.ones_like(rows, dtype=torch.bool)
@@ -199,13 +199,10 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
             break
         if live.sum() * 4 <= live.shape[0] * 3 and live.any():  # compact: drop finished rows
             keep = live.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            rows, live, tok, attn, pos = rows[keep], live[keep], tok[keep], attn[keep], pos[keep]
-        attn, pos = torch.cat([attn, torch.ones_like(attn[:, :1])], 1), pos + 1
-        out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
-        )
-        logits = out.logits[:, -1]
+            decoder.select(keep)
+            rows, live, tok, pos = rows[keep], live[keep], tok[keep], pos[keep]
+        pos = pos + 1
+        logits = decoder.step(tok, pos)
     return tokens[:, : t + 1], logps[:, : t + 1]
 
 

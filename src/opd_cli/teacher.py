@@ -15,6 +15,7 @@ import torch
 
 from opd_cli.errors import UserError
 from opd_cli.objectives import Objective, chunk_bounds, full_logprobs
+from opd_cli.packed import response_hidden
 from opd_cli.rollout import RolloutBatch
 
 
@@ -39,38 +40,6 @@ def check_teacher_supplies(objective: Objective, supplies: frozenset[str], backe
 def lm_head_weight(model) -> torch.Tensor:
     """The [V, d] output embedding; logits = hidden @ W.T (no bias, no soft-capping)."""
     return model.get_output_embeddings().weight
-
-
-def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final hidden states that predict each response token, and those tokens.
-
-    Returns ``h [N, d]`` (the output at position j - 1 predicts token j) and
-    ``y [N]``, flat over ``batch.response_mask`` in row-major order. Positions come
-    from the attention mask, so left padding does not shift them.
-
-    Rows answering the same prompt share its forward pass: each prompt runs once and
-    its KV cache (with gradient, when there is one) is repeated for its responses, so
-    a prompt's n samples cost one prompt pass, not n.
-    """
-    device = model.device
-    ids, attn, pos = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
-    P = batch.prompt_len
-    first, group = (t.to(device) for t in batch.prompt_groups())
-    if len(first) == len(group):  # one row per prompt: nothing to share
-        out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
-        hidden = out[:, P - 1 : -1]
-    else:
-        pre = model.base_model(
-            input_ids=ids[first, :P], attention_mask=attn[first, :P], position_ids=pos[first, :P], use_cache=True
-        )
-        cache = pre.past_key_values
-        cache.batch_select_indices(group)
-        post = model.base_model(
-            input_ids=ids[:, P:], attention_mask=attn, position_ids=pos[:, P:], past_key_values=cache, use_cache=True
-        )
-        hidden = torch.cat([pre.last_hidden_state[group, -1:], post.last_hidden_state[:, :-1]], dim=1)
-    target_mask = batch.response_mask[:, P:].to(device)
-    return hidden[target_mask], ids[:, P:][target_mask]
 
 
 class TeacherScorer(torch.nn.Module):

@@ -1,0 +1,159 @@
+"""The scoring pass without padding: a batch's real tokens as one packed sequence.
+
+A rollout batch is largely padding: prompts are left-padded to the longest
+prompt, responses right-padded to the longest response, and the n responses of
+a prompt repeat its tokens. The scoring pass (teacher and student) needs none of
+that. ``response_hidden`` runs the transformers model once over the real tokens,
+each prompt once for its group of responses, so every linear layer, norm and MLP
+(nearly all of the FLOPs) sees ``[1, N_real, d]``.
+
+Only attention needs to know which token sees which. It runs under the
+``opd_packed`` attention implementation, registered with transformers'
+``AttentionInterface``: the packed queries, keys and values are gathered into a
+per-sequence layout ``[B, H, L, dh]`` whose row r holds its prompt's tokens then
+its response's, left-aligned, so plain causal attention (no mask) is exact; the
+outputs are gathered back to packed order. A prompt's queries are recomputed in
+each of its rows (attention only, cheap) and only the group's first row's copy is
+kept, so each prompt token contributes once to the gradient of everything after it.
+
+A model whose layers do not all route attention through ``AttentionInterface``
+(recurrent or linear-attention layers, custom code) would mix packed sequences,
+so each model is checked on its first packed pass; one that fails the check is
+scored the padded way from then on (``padded_hidden``), with one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from opd_cli.rollout import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+NAME = "opd_packed"
+# attention arguments that change the attention itself, which packed_attention does not implement:
+# a layer given one is not counted, so the model is scored with padding instead
+UNSUPPORTED = ("softcap", "s_aux", "position_bias")
+
+
+@dataclass
+class Packing:
+    """Where each packed token sits in the per-sequence attention layout, and back."""
+
+    input_ids: torch.Tensor  # [1, N] the real tokens: each prompt once (in its group's first row), every response
+    position_ids: torch.Tensor  # [1, N] their positions within their sequence
+    layout: torch.Tensor  # [B, L] long, packed index of each layout slot (0 in trailing padding)
+    owner: torch.Tensor  # [N] long, the flat layout slot whose output each packed token takes
+    predict: torch.Tensor  # [M] long, packed index of the output that predicts each response token
+    targets: torch.Tensor  # [M] long, the response tokens, row-major over ``response_mask``
+    calls: int = 0  # attention layers that ran packed (checked against the model's layer count)
+
+
+def pack(batch: RolloutBatch, device: torch.device) -> Packing:
+    """The packed form of ``batch`` (see the module docstring)."""
+    ids, attn, rmask, P = batch.input_ids, batch.attention_mask.bool(), batch.response_mask, batch.prompt_len
+    first, group = batch.prompt_groups()
+    is_first = torch.zeros(ids.shape[0], dtype=torch.bool)
+    is_first[first] = True
+    # packed tokens in the batch's row-major order: a prompt's tokens in its group's first row only
+    own = torch.cat([attn[:, :P] & is_first[:, None], rmask[:, P:]], dim=1)
+    index = own.flatten().long().cumsum(0).view(own.shape) - 1  # packed index of each owned slot
+    # what row r attends over: its group's prompt (owned by the first row), then its own response
+    seen = torch.cat([attn[:, :P], rmask[:, P:]], dim=1)
+    seen_index = torch.cat([index[first[group], :P], index[:, P:]], dim=1)
+    # left-align: the k-th real token of row r goes to layout column k
+    col = seen.long().cumsum(1) - 1
+    rows = torch.arange(ids.shape[0])[:, None].expand_as(seen)
+    L = int(seen.sum(1).max())
+    layout = torch.zeros(ids.shape[0], L, dtype=torch.long)
+    layout[rows[seen], col[seen]] = seen_index[seen]
+    # the output at j - 1 predicts token j; a response's first token is predicted by its prompt's last
+    prev = torch.cat([index[first[group], P - 1 : P], index[:, P:-1]], dim=1)
+    target_mask = rmask[:, P:]
+    return Packing(
+        input_ids=ids[own][None].to(device),
+        position_ids=batch.position_ids[own][None].to(device),
+        layout=layout.to(device),
+        owner=(rows * L + col)[own].to(device),
+        predict=prev[target_mask].to(device),
+        targets=ids[:, P:][target_mask].to(device),
+    )
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention of packed ``[1, H, N, dh]`` tensors within each sequence of ``kwargs['opd_packing']``."""
+    p: Packing = kwargs["opd_packing"]
+    if any(kwargs.get(k) is not None for k in UNSUPPORTED):
+        return query.transpose(1, 2), None  # not counted: response_hidden falls back to the padded pass
+    p.calls += 1
+    B, L = p.layout.shape
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    flat = p.layout.flatten()
+    # [1, H, N, dh] is a transposed view of [1, N, H, dh]: select whole tokens, then view as [B, H, L, dh]
+    q, k, v = (t[0].transpose(0, 1).index_select(0, flat).view(B, L, *t.shape[1:2], t.shape[-1]).transpose(1, 2)
+               for t in (query, key, value))  # fmt: skip
+    window = kwargs.get("sliding_window")
+    mask = None
+    if window is not None and window < L:  # a token sees the `window` most recent tokens, itself included
+        i = torch.arange(L, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+    )
+    out = out.transpose(1, 2).reshape(B * L, out.shape[1], out.shape[-1]).index_select(0, p.owner)  # [N, H, dh]
+    return out[None], None
+
+
+AttentionInterface.register(NAME, packed_attention)
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run ``model`` with the attention implementation ``name`` inside the block."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def padded_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``response_hidden`` the plain way: one forward over the padded ``[B, L]`` batch."""
+    device = model.device
+    ids, attn, pos = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
+    out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    P = batch.prompt_len
+    target_mask = batch.response_mask[:, P:].to(device)
+    return out[:, P - 1 : -1][target_mask], ids[:, P:][target_mask]
+
+
+def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states that predict each response token, and those tokens.
+
+    Returns ``h [M, d]`` (the output at position j - 1 predicts token j) and
+    ``y [M]``, flat over ``batch.response_mask`` in row-major order, computed on the
+    packed real tokens only (module docstring).
+    """
+    if getattr(model, "_opd_packing_fails", False):
+        return padded_hidden(model, batch)
+    p = pack(batch, model.device)
+    with attention_implementation(model, NAME):
+        out = model.base_model(input_ids=p.input_ids, position_ids=p.position_ids, opd_packing=p).last_hidden_state
+    if p.calls != model.config.num_hidden_layers:
+        log.warning(
+            "%s: %d of %d layers ran packed attention; scoring this model with padding instead",
+            model.config.model_type, p.calls, model.config.num_hidden_layers,
+        )  # fmt: skip
+        model._opd_packing_fails = True
+        return padded_hidden(model, batch)
+    return out[0, p.predict], p.targets
