@@ -39,6 +39,9 @@ class KVBuffer:
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # slots filled so far
     calls: int = 0  # attention layers that ran on the buffer (checked against the layer count)
+    settings: dict[int, tuple] = field(
+        default_factory=dict
+    )  # layer -> (scaling, sliding window), as the model passed them
 
     def select(self, rows: torch.Tensor) -> None:
         self.valid = self.valid[rows]
@@ -52,7 +55,13 @@ def buffered_attention(module, query, key, value, attention_mask, dropout=0.0, s
     if any(kwargs.get(k) is not None for k in UNSUPPORTED):
         return query.transpose(1, 2), None  # not counted: the decoder falls back to transformers' cache
     buf.calls += 1
-    i, t0, q_len = module.layer_idx, buf.length, query.shape[2]
+    buf.settings[module.layer_idx] = (scaling, kwargs.get("sliding_window"))
+    return attend(buf, module.layer_idx, query, key, value).transpose(1, 2), None
+
+
+def attend(buf: KVBuffer, i: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Layer ``i``: store ``key``/``value`` ``[B, H_kv, q, dh]`` at the next slots, attend; ``[B, H, q, dh]``."""
+    t0, q_len = buf.length, query.shape[2]
     if i == len(buf.keys):
         shape = (key.shape[0], key.shape[1], buf.valid.shape[1], key.shape[-1])
         buf.keys.append(key.new_zeros(shape))
@@ -60,18 +69,18 @@ def buffered_attention(module, query, key, value, attention_mask, dropout=0.0, s
     S = t0 + q_len
     buf.keys[i][:, :, t0:S] = key
     buf.values[i][:, :, t0:S] = value
+    scaling, window = buf.settings[i]
     slot = torch.arange(S, device=query.device)
     at = slot[t0:, None]  # [q_len, 1] the slot of each query
     # causal over the filled slots, real keys only; each query also sees itself, so a padding
     # query has one key and stays finite
     mask = ((slot <= at) & buf.valid[:, None, None, :S]) | (slot == at)
-    if (window := kwargs.get("sliding_window")) is not None:
+    if window is not None:
         mask &= at - slot < window
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         query, buf.keys[i][:, :, :S], buf.values[i][:, :, :S], attn_mask=mask, scale=scaling,
         enable_gqa=key.shape[1] != query.shape[1],
     )  # fmt: skip
-    return out.transpose(1, 2), None
 
 
 AttentionInterface.register(NAME, buffered_attention)
@@ -105,6 +114,57 @@ class BufferedDecoder:
         return out.logits[:, -1]
 
 
+# Llama-family decoder layers (pre-norm RMSNorm, rotary attention with optional per-head q/k norms,
+# SiLU-gated MLP), whose decoding step LeanDecoder writes out with the model's weights
+LEAN_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class LeanDecoder(BufferedDecoder):
+    """``BufferedDecoder`` whose decoding steps call the layers' weights directly.
+
+    The prefill is the model's own forward, which also records each layer's attention
+    scaling and window. A step is then about half the tensor operations of the
+    transformers forward (one fused RMSNorm, no per-module dispatch, one mask for all
+    layers): on the demo a step took 0.77 instead of 1.04 ms. Only for ``LEAN_TYPES``
+    and not under ZeRO-3 (its parameters exist only inside module calls).
+    """
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.buf.valid[:, self.buf.length] = True
+        base, B = self.model.model, tok.shape[0]
+        x = base.embed_tokens(tok[:, None])  # [B, 1, d]
+        cos, sin = (t[:, None] for t in base.rotary_emb(x, pos))  # [B, 1, 1, dh], broadcast over heads
+        for i, layer in enumerate(base.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            h = rms_norm(layer.input_layernorm, x)
+            q, k, v = (F.linear(h, m.weight, m.bias).view(B, 1, -1, a.head_dim) for m in (a.q_proj, a.k_proj, a.v_proj))
+            if hasattr(a, "q_norm"):  # Qwen3: RMSNorm of each head
+                q, k = rms_norm(a.q_norm, q), rms_norm(a.k_norm, k)
+            q, k, v = (t.transpose(1, 2) for t in (rotate(q, cos, sin), rotate(k, cos, sin), v))
+            out = attend(self.buf, i, q, k, v).transpose(1, 2).reshape(B, 1, -1)
+            x = x + F.linear(out, a.o_proj.weight, a.o_proj.bias)
+            h = rms_norm(layer.post_attention_layernorm, x)
+            gate, up = F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight)
+            x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight)
+        self.buf.length += 1
+        return F.linear(rms_norm(base.norm, x)[:, -1], self.model.lm_head.weight)
+
+    @staticmethod
+    def fits(model) -> bool:
+        c = model.config
+        return c.model_type in LEAN_TYPES and c.hidden_act == "silu" and not getattr(c, "mlp_bias", False)
+
+
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x [B, q, H, dh]`` (the half-split convention of the Llama family)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
 class CacheDecoder:
     """The same interface on transformers' own KV cache (any model)."""
 
@@ -129,10 +189,15 @@ class CacheDecoder:
         self.attn = self.attn[rows]
 
 
-def prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, capacity: int):
-    """A decoder for ``model`` with the prompts prefilled, and the next-token logits ``[B, V]``."""
+def prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, capacity: int, lean: bool = True):
+    """A decoder for ``model`` with the prompts prefilled, and the next-token logits ``[B, V]``.
+
+    ``LeanDecoder`` where ``lean`` and the model is of the Llama family, else
+    ``BufferedDecoder``, else (layers that do not all attend through the buffer)
+    ``CacheDecoder``.
+    """
     if not getattr(model, "_opd_buffer_fails", False):
-        decoder = BufferedDecoder(model, capacity)
+        decoder = (LeanDecoder if lean and LeanDecoder.fits(model) else BufferedDecoder)(model, capacity)
         logits = decoder.prefill(ids, attn, pos)
         layers = model.config.num_hidden_layers
         if decoder.buf.calls == layers:
