@@ -184,7 +184,10 @@ def test_preset_gradient_wrt_logits(name):
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_with_ties_and_chunks(name):
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
+def test_preset_with_ties_and_chunks(name, checkpointed, monkeypatch):
+    """Chunks of 3 tokens, with their intermediates kept (small N x V) or recomputed in the backward."""
+    monkeypatch.setattr(objectives, "CHECKPOINT_ABOVE", 0 if checkpointed else 10**12)
     check_preset(name, 5, chunk=3, ties=True)
 
 
