@@ -10,9 +10,10 @@ each prompt once for its group of responses, so every linear layer, norm and MLP
 Only attention needs to know which token sees which. It runs under the
 ``opd_packed`` attention implementation, registered with transformers'
 ``AttentionInterface``: the packed queries, keys and values are gathered into a
-per-sequence layout ``[B, H, L, dh]`` whose row r holds its prompt's tokens then
-its response's, left-aligned, so plain causal attention (no mask) is exact; the
-outputs are gathered back to packed order. A prompt's queries are recomputed in
+per-sequence layout whose row r holds its prompt's tokens then its response's,
+left-aligned, so plain causal attention (no mask) is exact; the outputs are
+gathered back to packed order. Rows are sorted by length into a few blocks
+``[rows, H, width, dh]`` (``BUCKETS``), so short rows are not padded to the longest. A prompt's queries are recomputed in
 each of its rows (attention only, cheap) and only the group's first row's copy is
 kept, so each prompt token contributes once to the gradient of everything after it.
 
@@ -37,6 +38,8 @@ from opd_cli.rollout import RolloutBatch
 log = logging.getLogger(__name__)
 
 NAME = "opd_packed"
+# rows of the attention layout are sorted by length into at most this many blocks
+BUCKETS = 4
 # attention arguments that change the attention itself, which packed_attention does not implement:
 # a layer given one is not counted, so the model is scored with padding instead
 UNSUPPORTED = ("softcap", "s_aux", "position_bias")
@@ -48,8 +51,9 @@ class Packing:
 
     input_ids: torch.Tensor  # [1, N] the real tokens: each prompt once (in its group's first row), every response
     position_ids: torch.Tensor  # [1, N] their positions within their sequence
-    layout: torch.Tensor  # [B, L] long, packed index of each layout slot (0 in trailing padding)
-    owner: torch.Tensor  # [N] long, the flat layout slot whose output each packed token takes
+    layout: torch.Tensor  # [slots] long, packed index of each layout slot (0 in trailing padding)
+    buckets: list[tuple[int, int, int]]  # (first slot, rows, width): the layout's [rows, width] blocks
+    owner: torch.Tensor  # [N] long, the layout slot whose output each packed token takes
     predict: torch.Tensor  # [M] long, packed index of the output that predicts each response token
     targets: torch.Tensor  # [M] long, the response tokens, row-major over ``response_mask``
     calls: int = 0  # attention layers that ran packed (checked against the model's layer count)
@@ -67,12 +71,21 @@ def pack(batch: RolloutBatch, device: torch.device) -> Packing:
     # what row r attends over: its group's prompt (owned by the first row), then its own response
     seen = torch.cat([attn[:, :P], rmask[:, P:]], dim=1)
     seen_index = torch.cat([index[first[group], :P], index[:, P:]], dim=1)
-    # left-align: the k-th real token of row r goes to layout column k
+    # left-align: the k-th real token of row r goes to column k of its row in the layout. Rows are
+    # sorted by length into up to BUCKETS blocks, each as wide as its longest row: attention costs
+    # rows x width^2 per block, less than all rows at the longest width
     col = seen.long().cumsum(1) - 1
-    rows = torch.arange(ids.shape[0])[:, None].expand_as(seen)
-    L = int(seen.sum(1).max())
-    layout = torch.zeros(ids.shape[0], L, dtype=torch.long)
-    layout[rows[seen], col[seen]] = seen_index[seen]
+    lengths = seen.sum(1)
+    start = torch.empty_like(lengths)  # first layout slot of each row
+    buckets, slots = [], 0
+    for rows in lengths.argsort().tensor_split(min(BUCKETS, len(lengths))):
+        width = int(lengths[rows].max())
+        start[rows] = slots + torch.arange(len(rows)) * width
+        buckets.append((slots, len(rows), width))
+        slots += len(rows) * width
+    slot = start[:, None] + col
+    layout = torch.zeros(slots, dtype=torch.long)
+    layout[slot[seen]] = seen_index[seen]
     # the output at j - 1 predicts token j; a response's first token is predicted by its prompt's last
     prev = torch.cat([index[first[group], P - 1 : P], index[:, P:-1]], dim=1)
     target_mask = rmask[:, P:]
@@ -80,7 +93,8 @@ def pack(batch: RolloutBatch, device: torch.device) -> Packing:
         input_ids=ids[own][None].to(device),
         position_ids=batch.position_ids[own][None].to(device),
         layout=layout.to(device),
-        owner=(rows * L + col)[own].to(device),
+        buckets=buckets,
+        owner=slot[own].to(device),
         predict=prev[target_mask].to(device),
         targets=ids[:, P:][target_mask].to(device),
     )
@@ -92,23 +106,26 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if any(kwargs.get(k) is not None for k in UNSUPPORTED):
         return query.transpose(1, 2), None  # not counted: response_hidden falls back to the padded pass
     p.calls += 1
-    B, L = p.layout.shape
     if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    flat = p.layout.flatten()
-    # [1, H, N, dh] is a transposed view of [1, N, H, dh]: select whole tokens, then view as [B, H, L, dh]
-    q, k, v = (t[0].transpose(0, 1).index_select(0, flat).view(B, L, *t.shape[1:2], t.shape[-1]).transpose(1, 2)
-               for t in (query, key, value))  # fmt: skip
+    # [1, H, N, dh] is a transposed view of [1, N, H, dh]: select whole tokens into layout order
+    q, k, v = (t[0].transpose(0, 1).index_select(0, p.layout) for t in (query, key, value))  # [slots, H, dh]
     window = kwargs.get("sliding_window")
-    mask = None
-    if window is not None and window < L:  # a token sees the `window` most recent tokens, itself included
-        i = torch.arange(L, device=q.device)
-        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
-    )
-    out = out.transpose(1, 2).reshape(B * L, out.shape[1], out.shape[-1]).index_select(0, p.owner)  # [N, H, dh]
+    outs = []
+    for first, rows, width in p.buckets:
+        qb, kb, vb = (
+            t[first : first + rows * width].view(rows, width, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)
+        )
+        mask = None
+        if window is not None and window < width:  # a token sees the `window` most recent tokens, itself included
+            i = torch.arange(width, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
+        )  # [rows, H, width, dh]
+        outs.append(out.transpose(1, 2).reshape(rows * width, out.shape[1], out.shape[-1]))
+    out = torch.cat(outs).index_select(0, p.owner)  # [N, H, dh]
     return out[None], None
 
 
