@@ -206,7 +206,7 @@ class DivergenceSpec:
 def support_loss(
     lp: torch.Tensor,
     lq: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     spec: DivergenceSpec,
     tail: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
@@ -215,36 +215,45 @@ def support_loss(
     ``lp`` (with gradient) and ``lq`` are ``[c, M]``: full-vocabulary log-probs, or
     any log-values when ``spec.renormalize`` (the normalizer cancels). ``valid``
     marks the slots in the support; a token with no valid slot has loss 0.
+    ``valid=None`` is the whole vocabulary (``lp`` and ``lq`` normalized log-probs
+    over all of it): renormalizing is then the identity and nothing is masked, so
+    both passes are skipped.
     ``tail = (log p_tail, log q_tail)``, each ``[c]``, adds ``p_tail log(p_tail / q_tail)``.
     """
+    if valid is None and spec.form == "pg":
+        valid = torch.ones_like(lp, dtype=torch.bool)
     if spec.form == "pg":
         # paper B's code: A(v) = p_bar(v) (log q(v) - log p(v)) on un-renormalized log-probs,
         # p_bar renormalized on the support; loss -sum_v sg(A(v)) log p(v)
         p_bar = log_renormalize(lp.detach(), valid).exp()
         adv = (p_bar * (lq - lp.detach())).masked_fill(~valid, 0)
         return -(adv * lp).masked_fill(~valid, 0).sum(-1)
-    if spec.renormalize:
+    if valid is not None and spec.renormalize:
         lp, lq = log_renormalize(lp, valid), log_renormalize(lq, valid)
-    else:
+    elif valid is not None:
         lp, lq = lp.masked_fill(~valid, MASKED_LOG), lq.masked_fill(~valid, MASKED_LOG)
-    p, q = lp.exp(), lq.exp()
     if spec.direction == "forward" or (spec.direction == "jsd" and spec.beta == 0):
-        terms = q * (lq - lp)
+        terms = lq.exp() * (lq - lp)
     elif spec.direction == "jsd" and spec.beta < 1:
         b = spec.beta
         lm = torch.logaddexp(lq + math.log(b), lp + math.log(1 - b))  # m = beta q + (1 - beta) p
-        terms = b * q * (lq - lm) + (1 - b) * p * (lp - lm)
-    elif spec.stop_grad == "log_ratio":
-        terms = p * (lp - lq).detach()
-    elif spec.stop_grad == "student_log":
-        terms = p * (lp.detach() - lq)
+        terms = b * lq.exp() * (lq - lm) + (1 - b) * lp.exp() * (lp - lm)
     else:
-        terms = p * (lp - lq)
-    loss = terms.masked_fill(~valid, 0).sum(-1)
+        terms = reverse_terms(lp, lq, spec.stop_grad)
+    loss = (terms if valid is None else terms.masked_fill(~valid, 0)).sum(-1)
     if tail is not None:
         lp_tail, lq_tail = tail
         loss = loss + lp_tail.exp() * (lp_tail - lq_tail)
     return loss
+
+
+def reverse_terms(lp: torch.Tensor, lq: torch.Tensor, stop_grad: str) -> torch.Tensor:
+    """``p (log p - log q)`` per slot, with the stop-gradient variants of ``DivergenceSpec.stop_grad``."""
+    if stop_grad == "log_ratio":
+        return lp.exp() * (lp - lq).detach()
+    if stop_grad == "student_log":
+        return lp.exp() * (lp.detach() - lq)
+    return lp.exp() * (lp - lq)
 
 
 def log_tail(logp_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -384,8 +393,7 @@ class SupportDivergence(Objective):
                 logp_full = full_logprobs(hidden, weight)
         if spec.support == "full":
             lp, lq = logp_full, self.teacher_logprobs(x).to(logp_full.dtype)
-            valid = torch.ones_like(lp, dtype=torch.bool)
-            loss = support_loss(lp, lq, valid, spec)
+            loss = support_loss(lp, lq, None, spec)
             return loss, torch.zeros_like(loss, dtype=torch.bool)
         s_ids = logp_full.detach().topk(min(self.k, logp_full.shape[-1]), dim=-1).indices
         ids, valid = support_slots(spec.support, s_ids, t_ids)
