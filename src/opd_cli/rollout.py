@@ -129,35 +129,44 @@ def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
 
 
 def nucleus_member(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Whether each row's token ``ids [B]`` is in that row's top-p nucleus of ``probs [B, V]``.
+    """Whether each row's tokens ``ids [B, R]`` are in that row's top-p nucleus of ``probs [B, V]``.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``:
     a token is in it when the tokens strictly more likely than it hold less than ``top_p``.
     """
-    p_id = probs.gather(-1, ids[:, None])
-    return (probs * (probs > p_id)).sum(-1) < top_p
+    p_id = probs.gather(-1, ids)[..., None]  # [B, R, 1]
+    return torch.where(probs[:, None, :] > p_id, probs[:, None, :], 0).sum(-1) < top_p
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` from softmax(logits / T) restricted to the top-p nucleus.
 
     Exact, without sorting the vocabulary: draw from the whole distribution by inverting
-    its CDF and keep the draw if it lies in the nucleus (rejection sampling, which gives
-    the distribution conditioned on the nucleus). A round accepts with probability of at
-    least ``top_p``; rows still rejected after a few rounds are sampled by sorting.
+    its CDF and keep the first draw that lies in the nucleus (rejection sampling, which
+    gives the distribution conditioned on the nucleus). Each round draws up to 4
+    proposals per row at once (fewer for a large vocabulary, to bound the ``[B, R, V]``
+    membership test), each accepted with probability of at least ``top_p``; rows still
+    rejected after a few rounds are sampled by sorting.
     """
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    todo = torch.arange(probs.shape[0], device=probs.device)
+    probs = torch.softmax(logits.float() / temperature if temperature != 1 else logits.float(), dim=-1)
+    B, V = probs.shape
     cdf = probs.cumsum(-1)
+    out = torch.empty(B, dtype=torch.long, device=probs.device)
+    todo = torch.arange(B, device=probs.device)
+    p, c = probs, cdf
     for _ in range(4):
-        u = torch.rand(todo.shape[0], 1, generator=generator, device=probs.device) * cdf[todo, -1:]
-        ids = torch.searchsorted(cdf[todo], u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
-        ok = nucleus_member(probs[todo], ids, top_p) if top_p < 1 else torch.ones_like(ids, dtype=torch.bool)
-        out[todo[ok]] = ids[ok]
-        todo = todo[~ok]
+        R = max(1, min(4, (1 << 20) // (todo.numel() * V)))  # proposals per row
+        u = torch.rand(todo.numel(), R, generator=generator, device=probs.device) * c[:, -1:]
+        ids = torch.searchsorted(c, u, right=True).clamp_(max=V - 1)  # [n, R] draws from the whole distribution
+        if top_p >= 1:
+            return ids[:, 0]
+        ok = nucleus_member(p, ids, top_p)
+        hit = ok.any(-1)
+        out[todo[hit]] = ids[hit].gather(-1, ok[hit].long().argmax(-1, keepdim=True)).squeeze(-1)  # first accepted
+        todo = todo[~hit]
         if todo.numel() == 0:
             return out
+        p, c = probs[todo], cdf[todo]
     sorted_p, order = probs[todo].sort(dim=-1, descending=True)
     # mass strictly above each token: the mass before the first token of its tie group
     first = torch.searchsorted(-sorted_p, -sorted_p)
