@@ -1,6 +1,6 @@
 """Benchmark (make bench): objective microbenchmarks, and one OPD step of opd-cli beside TRL's.
 
-    python scripts/bench.py [--steps 10 --warmup 3 --rounds 2 --losses topk_lsm,full_rkl --out outputs/bench]
+    python scripts/bench.py [--steps 10 --warmup 3 --rounds 3 --losses topk_lsm,full_rkl --out outputs/bench]
     python scripts/bench.py -- model=qwen2.5-7b-instruct ...   (Hydra overrides after --, opd-cli only)
 
 The step: the demo student samples ``rollout.n`` answers to each of
@@ -241,7 +241,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per engine")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--rounds", type=int, default=2, help="runs per engine, alternating; the fastest is kept")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per engine, alternating; the fastest is kept")
     ap.add_argument("--losses", default="topk_lsm,full_rkl", help="opd-cli objectives to time (loss presets)")
     ap.add_argument("--no-trl", action="store_true", help="skip TRL (e.g. at shapes TRL cannot run)")
     ap.add_argument("--objective-args", default="", help="arguments for bench_topk_lsm.py; 'skip' skips it")

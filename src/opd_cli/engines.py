@@ -40,9 +40,17 @@ class StudentLoss(torch.nn.Module):
         return student_loss_and_metrics(hidden, weight, x, objective, chunk_tokens, bucket_tokens)
 
 
-def optimizer_and_schedule(params, tcfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and the LR schedule over training steps (linear warmup, then constant or cosine)."""
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay)
+def optimizer_and_schedule(
+    params, tcfg, fused: bool = False
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and the LR schedule over training steps (linear warmup, then constant or cosine).
+
+    ``fused``: torch's one-kernel AdamW (CPU and CUDA; 0.4 instead of 0.9 ms per step on the
+    demo); not for DeepSpeed, which rewrites the parameter groups into its own partitions.
+    """
+    optimizer = torch.optim.AdamW(
+        params, lr=tcfg.lr, betas=tuple(tcfg.betas), weight_decay=tcfg.weight_decay, fused=fused or None
+    )
 
     def factor(step: int) -> float:
         if step < tcfg.warmup_steps:
@@ -73,7 +81,7 @@ class TorchTrainer:
         self.model = model
         self.net = StudentLoss(model)
         self.max_grad_norm = tcfg.max_grad_norm
-        self.optimizer, self.scheduler = optimizer_and_schedule(model.parameters(), tcfg)
+        self.optimizer, self.scheduler = optimizer_and_schedule(model.parameters(), tcfg, fused=True)
 
     def loss(self, *args):
         return self.net(*args)
