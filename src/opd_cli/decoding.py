@@ -16,7 +16,6 @@ from then on.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from opd_cli.packed import UNSUPPORTED, attention_implementation
-
-log = logging.getLogger(__name__)
+from opd_cli.packed import UNSUPPORTED, attention_implementation, every_layer_ran
 
 NAME = "opd_kv_buffer"
 
@@ -40,9 +37,8 @@ class KVBuffer:
     values: list[torch.Tensor] = field(default_factory=list)
     length: int = 0  # slots filled so far
     calls: int = 0  # attention layers that ran on the buffer (checked against the layer count)
-    settings: dict[int, tuple] = field(
-        default_factory=dict
-    )  # layer -> (scaling, sliding window), as the model passed them
+    # layer -> (scaling, sliding window), as the model's own forward passed them
+    settings: dict[int, tuple] = field(default_factory=dict)
 
     def select(self, rows: torch.Tensor) -> None:
         self.valid = self.valid[rows]
@@ -125,8 +121,8 @@ class LeanDecoder(BufferedDecoder):
 
     The prefill is the model's own forward, which also records each layer's attention
     scaling and window. A step is then about half the tensor operations of the
-    transformers forward (one fused RMSNorm, no per-module dispatch, one mask for all
-    layers): on the demo a step took 0.77 instead of 1.04 ms. Only for ``LEAN_TYPES``
+    transformers forward (one fused RMSNorm, no per-module dispatch): on the demo a
+    step took 0.77 instead of 1.04 ms. Only for ``LEAN_TYPES``
     and not under ZeRO-3 (its parameters exist only inside module calls).
     """
 
@@ -236,13 +232,8 @@ def prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cap
     if not getattr(model, "_opd_buffer_fails", False):
         decoder = (LeanDecoder if lean and LeanDecoder.fits(model) else BufferedDecoder)(model, capacity)
         logits = decoder.prefill(ids, attn, pos)
-        layers = model.config.num_hidden_layers
-        if decoder.buf.calls == layers:
+        otherwise = "attended through the KV buffer; decoding with transformers' cache"
+        if every_layer_ran(model, decoder.buf.calls, "_opd_buffer_fails", otherwise):
             return decoder, logits
-        log.warning(
-            "%s: %d of %d layers attended through the KV buffer; decoding with transformers' cache instead",
-            model.config.model_type, decoder.buf.calls, layers,
-        )  # fmt: skip
-        model._opd_buffer_fails = True
     decoder = CacheDecoder(model)
     return decoder, decoder.prefill(ids, attn, pos)

@@ -220,9 +220,8 @@ def support_loss(
     both passes are skipped.
     ``tail = (log p_tail, log q_tail)``, each ``[c]``, adds ``p_tail log(p_tail / q_tail)``.
     """
-    if valid is None and spec.form == "pg":
-        valid = torch.ones_like(lp, dtype=torch.bool)
     if spec.form == "pg":
+        valid = torch.ones_like(lp, dtype=torch.bool) if valid is None else valid
         # paper B's code: A(v) = p_bar(v) (log q(v) - log p(v)) on un-renormalized log-probs,
         # p_bar renormalized on the support; loss -sum_v sg(A(v)) log p(v)
         p_bar = log_renormalize(lp.detach(), valid).exp()

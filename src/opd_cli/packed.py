@@ -13,9 +13,10 @@ Only attention needs to know which token sees which. It runs under the
 per-sequence layout whose row r holds its prompt's tokens then its response's,
 left-aligned, so plain causal attention (no mask) is exact; the outputs are
 gathered back to packed order. Rows are sorted by length into a few blocks
-``[rows, H, width, dh]`` (``BUCKETS``), so short rows are not padded to the longest. A prompt's queries are recomputed in
-each of its rows (attention only, cheap) and only the group's first row's copy is
-kept, so each prompt token contributes once to the gradient of everything after it.
+``[rows, H, width, dh]`` (``BUCKETS``), so short rows are not padded to the longest.
+A prompt's queries are recomputed in each of its rows (attention only, cheap) and
+only the group's first row's copy is kept, so each prompt token contributes once to
+the gradient of everything after it.
 
 A model whose layers do not all route attention through ``AttentionInterface``
 (recurrent or linear-attention layers, custom code) would mix packed sequences,
@@ -106,9 +107,6 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     if any(kwargs.get(k) is not None for k in UNSUPPORTED):
         return query.transpose(1, 2), None  # not counted: response_hidden falls back to the padded pass
     p.calls += 1
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: repeat the key/value heads
-        rep = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
     # [1, H, N, dh] is a transposed view of [1, N, H, dh]: select whole tokens into layout order
     q, k, v = (t[0].transpose(0, 1).index_select(0, p.layout) for t in (query, key, value))  # [slots, H, dh]
     window = kwargs.get("sliding_window")
@@ -121,9 +119,10 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         if window is not None and window < width:  # a token sees the `window` most recent tokens, itself included
             i = torch.arange(width, device=q.device)
             mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
-        out = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling
-        )  # [rows, H, width, dh]
+        out = F.scaled_dot_product_attention(  # [rows, H, width, dh]
+            qb, kb, vb, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            enable_gqa=kb.shape[1] != qb.shape[1],
+        )  # fmt: skip
         outs.append(out.transpose(1, 2).reshape(rows * width, out.shape[1], out.shape[-1]))
     out = torch.cat(outs).index_select(0, p.owner)  # [N, H, dh]
     return out[None], None
@@ -166,11 +165,22 @@ def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Ten
     p = pack(batch, model.device)
     with attention_implementation(model, NAME):
         out = model.base_model(input_ids=p.input_ids, position_ids=p.position_ids, opd_packing=p).last_hidden_state
-    if p.calls != model.config.num_hidden_layers:
-        log.warning(
-            "%s: %d of %d layers ran packed attention; scoring this model with padding instead",
-            model.config.model_type, p.calls, model.config.num_hidden_layers,
-        )  # fmt: skip
-        model._opd_packing_fails = True
+    if not every_layer_ran(
+        model, p.calls, "_opd_packing_fails", "ran packed attention; scoring this model with padding"
+    ):
         return padded_hidden(model, batch)
     return out[0, p.predict], p.targets
+
+
+def every_layer_ran(model, calls: int, flag: str, otherwise: str) -> bool:
+    """Whether all of ``model``'s layers attended through one of opd-cli's attention implementations.
+
+    If not, the model is marked (attribute ``flag``) so the caller takes its plain path from
+    then on, and one warning says ``otherwise``.
+    """
+    layers = model.config.num_hidden_layers
+    if calls == layers:
+        return True
+    log.warning("%s: %d of %d layers %s instead", model.config.model_type, calls, layers, otherwise)
+    setattr(model, flag, True)
+    return False

@@ -155,7 +155,7 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     todo = torch.arange(B, device=probs.device)
     p, c = probs, cdf
     for _ in range(4):
-        R = max(1, min(4, (1 << 20) // (todo.numel() * V)))  # proposals per row
+        R = 1 if top_p >= 1 else max(1, min(4, (1 << 20) // (todo.numel() * V)))  # proposals per row
         u = torch.rand(todo.numel(), R, generator=generator, device=probs.device) * c[:, -1:]
         ids = torch.searchsorted(c, u, right=True).clamp_(max=V - 1)  # [n, R] draws from the whole distribution
         if top_p >= 1:
