@@ -1,7 +1,7 @@
 """Benchmark (make bench): objective microbenchmarks, and one OPD step of opd-cli beside TRL's.
 
     python scripts/bench.py [--steps 10 --warmup 3 --rounds 3 --losses topk_lsm,full_rkl --out outputs/bench]
-    python scripts/bench.py -- model=qwen2.5-7b-instruct ...   (Hydra overrides after --, opd-cli only)
+    python scripts/bench.py -- trainer.cpu_linear=blas ...   (Hydra overrides after --, both engines)
 
 The step: the demo student samples ``rollout.n`` answers to each of
 ``trainer.prompts_per_step`` training prompts (the prompts ``opd-train`` would use at
@@ -18,6 +18,9 @@ those steps), the demo teacher scores them, and the student takes one optimizer 
   Phases are read from TRL's own methods: ``_generate`` (rollout), the teacher's
   ``_get_last_hidden_state`` call (teacher), the optimizer callbacks (optimizer); the rest
   of the step (student forward, projection, loss, backward, Trainer overhead) is "student".
+- Both sides' models are loaded by ``opd_cli.models.load_model`` with the same
+  ``trainer.cpu_linear``, so their linear layers run on the same kernels (oneDNN on an
+  x86-64 CPU by default): the ratio is not a kernel library's.
 
 Every engine runs in a fresh child process (its own peak memory, no shared warm caches);
 each runs ``--warmup`` untimed steps, then ``--steps`` timed ones. The engines take turns
@@ -108,8 +111,8 @@ def trl_worker(args, overrides: list[str]) -> dict:
     tc, rc = cfg.trainer, cfg.rollout
     s_path, t_path = resolve_path(cfg.model.name_or_path, cfg), resolve_path(cfg.teacher.name_or_path, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device)
-    teacher = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device)
+    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cpu_linear=tc.cpu_linear)
+    teacher = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device, cpu_linear=tc.cpu_linear)
     tok = load_tokenizer(s_path, "model.name_or_path")
     tok.padding_side = "left"
     train_prompts, _ = training_prompts(load_problems(cfg.task)[0], cfg, tok)
@@ -281,7 +284,8 @@ def main() -> None:
         "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
         "setting": f"{cfg.model.name_or_path} <- {cfg.teacher.name_or_path}, {tc.prompts_per_step} prompts x "
         f"{rc.n} samples, max {rc.max_new_tokens} new tokens, temperature {rc.temperature}, top-p {rc.top_p}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.rounds} alternating rounds; "
+        f"{args.warmup} warm-up + {args.steps} timed steps, best of {args.rounds} alternating rounds, "
+        f"trainer.cpu_linear={tc.cpu_linear} on both sides; "
         "phases are seconds per step",
         "engines": engines,
         "ratios": ratios,

@@ -70,6 +70,7 @@ def test_real_world_presets():
         ("rollout=vllm rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
+        ("trainer.cpu_linear=mkl", "trainer.cpu_linear: 'mkl' is not one of: auto, onednn, blas"),
     ],
 )
 def test_validate_names_the_key(override, message):

@@ -96,6 +96,7 @@ class TaskConfig:
 class TrainerConfig:
     engine: str = "torch"
     device: str = "auto"
+    cpu_linear: str = "auto"
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -238,6 +239,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.engine": ("torch", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.lr_schedule": ("constant", "cosine"),
+    "trainer.cpu_linear": ("auto", "onednn", "blas"),
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from opd_cli.config import looks_local
+from opd_cli.cpu_linear import use_onednn
 from opd_cli.demo import ensure_demo_model
 from opd_cli.errors import UserError
 
@@ -42,14 +43,17 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str, key: str, dtype: str, device: torch.device, trust_remote_code: bool = False):
+def load_model(
+    path: str, key: str, dtype: str, device: torch.device, trust_remote_code: bool = False, cpu_linear: str = "auto"
+):
+    """The model on ``device``, its linear layers on oneDNN where ``cpu_linear`` says so (see cpu_linear.py)."""
     from transformers import AutoModelForCausalLM
 
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _load_error(key, path, e) from None
-    return model.to(device)
+    return use_onednn(model.to(device), cpu_linear)
 
 
 def check_same_vocabulary(student_tok, teacher_tok, s_rows: int, t_rows: int) -> None:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from opd_cli.cpu_linear import linear
+
 # A finite stand-in for log(0) on masked support slots: exp() of it is exactly 0,
 # and unlike -inf it keeps 0 * (a - b) finite in the forward and backward pass.
 MASKED_LOG = -1e9
@@ -136,14 +138,15 @@ def gather_logits(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor)
     V, K = weight.shape[0], ids.shape[-1]
     if V <= DENSE_VOCAB_PER_K * K:
         rows = max(1, (1 << 22) // V)
-        return torch.cat([(hidden[s:e] @ weight.T).gather(-1, ids[s:e]) for s, e in chunk_bounds(ids.shape[0], rows)])
+        chunks = chunk_bounds(ids.shape[0], rows)
+        return torch.cat([linear(hidden[s:e], weight).gather(-1, ids[s:e]) for s, e in chunks])
     rows = max(1, (1 << 22) // max(1, K * hidden.shape[-1]))
     return _GatherLogits.apply(hidden, weight, ids, rows)
 
 
 def full_logprobs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Full-vocabulary log-probs of one chunk, ``[c, V]`` (at least float32)."""
-    return F.log_softmax(upcast(hidden @ weight.T), dim=-1)
+    return F.log_softmax(upcast(linear(hidden, weight)), dim=-1)
 
 
 def log_renormalize(logv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -549,7 +552,7 @@ def student_loss_and_metrics(
             loss, clipped = objective.token_loss(hidden[s:e], weight, xc)
         total = total + (loss * xc.weight).sum()
         metrics.add("pg_clipfrac", clipped.to(xc.weight.dtype), xc.weight)
-    if diagnostics:
+    if diagnostics:  # token_metrics runs without gradient
         for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
-            metrics.merge(token_metrics(hidden[s:e].detach(), weight.detach(), x.slice(s, e), bucket_tokens))
+            metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens))
     return total, metrics

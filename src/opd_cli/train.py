@@ -271,7 +271,9 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         rows = llm.llm_engine.model_config.get_vocab_size()
         engine_memory = EngineMemory(llm, level)
         return VLLMTeacher(llm, engine_memory), VLLMRollout(llm, tokenizer, engine_memory), rows
-    model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
+    model = load_model(
+        path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code, cfg.trainer.cpu_linear
+    )
     rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
     teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
     sampler = HFRollout(model, tokenizer, synced=teacher.synced_generation)
@@ -321,7 +323,9 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     s_path, t_path = resolve_models(cfg, ckpt, rank)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
     t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
-    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
+    student = load_model(
+        s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.trainer.cpu_linear
+    )
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
     longest = max([longest] + [prompt_length(s_tok, p) for p in eval_prompts])
