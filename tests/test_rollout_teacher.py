@@ -82,6 +82,7 @@ def nucleus_reference(probs: list[float], temperature: float, top_p: float) -> t
         ([0.3, 0.25, 0.2, 0.15, 0.07, 0.03], 0.5, 0.7),  # temperature sharpens first
         ([0.05, 0.04, 0.03] + [0.88 / 88] * 88, 1.0, 0.1),  # nucleus mass 0.12: most rows need the sorted path
         ([0.25, 0.25, 0.25, 0.25], 1.0, 0.3),  # ties: tokens equally likely are in or out together
+        ([0.62, 0.38], 1.0, 0.6),  # 0.38 is just under 1 - top_p (the sure bound) and outside the nucleus
     ],
 )
 def test_sample_top_p_draws_the_nucleus_distribution(probs, temperature, top_p):

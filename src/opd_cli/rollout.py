@@ -83,7 +83,7 @@ def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
 
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and attention mask, ``[B, P]``."""
-    enc = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # one call: the batch at once
     width = max(len(e) for e in enc)
     ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros((len(enc), width), dtype=torch.long)
@@ -138,6 +138,10 @@ def nucleus_member(probs: torch.Tensor, ids: torch.Tensor, top_p: float) -> torc
     return torch.where(probs[:, None, :] > p_id, probs[:, None, :], 0).sum(-1) < top_p
 
 
+# float32 rounding of the membership sums is far below this
+SURE_MARGIN = 1e-5
+
+
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` from softmax(logits / T) restricted to the top-p nucleus.
 
@@ -160,7 +164,13 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
         ids = torch.searchsorted(c, u, right=True).clamp_(max=V - 1)  # [n, R] draws from the whole distribution
         if top_p >= 1:
             return ids[:, 0]
-        ok = nucleus_member(p, ids, top_p)
+        # the mass above a token is at most 1 minus its own: a token of probability above 1 - top_p is
+        # in the nucleus. Only rows whose first proposal is not are tested in full (demo: 0.15 ->
+        # 0.128 -> 0.078 ms per step)
+        ok = p.gather(-1, ids) > 1 - top_p + SURE_MARGIN
+        unsure = ~ok[:, 0]
+        if unsure.any():
+            ok[unsure] = nucleus_member(p[unsure], ids[unsure], top_p)
         hit = ok.any(-1)
         out[todo[hit]] = ids[hit].gather(-1, ok[hit].long().argmax(-1, keepdim=True)).squeeze(-1)  # first accepted
         todo = todo[~hit]
@@ -201,12 +211,14 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
     for t in range(max_new_tokens):
         tok = sample_top_p(logits, temperature, top_p, generator)
         lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
-        tokens[rows[live], t] = tok[live]
-        logps[rows[live], t] = lp[live]
+        # finished rows still in the batch write what their slots already hold (pad, 0)
+        tokens[rows, t] = tok.where(live, pad)
+        logps[rows, t] = lp.where(live, 0.0)
         live &= tok != eos
-        if t == max_new_tokens - 1 or not (all_reduce([float(live.any())], op="max")[0] if synced else live.any()):
+        n_live = int(live.sum())
+        if t == max_new_tokens - 1 or not (all_reduce([float(n_live)], op="max")[0] if synced else n_live):
             break
-        if live.sum() * 4 <= live.shape[0] * 3 and live.any():  # compact: drop finished rows
+        if n_live * 4 <= live.shape[0] * 3:  # compact: drop finished rows
             keep = live.nonzero().squeeze(-1)
             decoder.select(keep)
             rows, live, tok, pos = rows[keep], live[keep], tok[keep], pos[keep]
