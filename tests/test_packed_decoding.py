@@ -33,9 +33,14 @@ from opd_cli.rollout import build_batch, position_ids
 
 V, EOS, PAD = 61, 1, 0
 SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
 MODELS = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, num_attention_heads=4, num_key_value_heads=4)),
     "llama_gqa": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2)),
+    # a rotary type other than "default": the lean step calls the model's rotary_emb, no table
+    "llama_rope_linear": lambda: LlamaForCausalLM(
+        LlamaConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2, rope_parameters=LINEAR_ROPE)
+    ),
     "mistral_window": lambda: MistralForCausalLM(
         MistralConfig(**SHAPE, num_attention_heads=4, num_key_value_heads=2, sliding_window=5)
     ),

@@ -148,12 +148,23 @@ class LeanDecoder(BufferedDecoder):
         # step on the demo); the same tensors the optimizer updates in place between rollouts
         self.layers = [LeanLayer.of(layer) for layer in model.model.layers]
         self.final_norm, self.head = norm(model.model.norm), model.lm_head.weight
+        # cos and sin of every position a step can reach, [capacity, 2, dh], when they depend on the
+        # position alone (one lookup per step: 12 instead of 30 us); rotary types that rescale with
+        # the length seen so far keep the model's own rotary_emb
+        rope, self.rope_table = model.model.rotary_emb, None
+        if getattr(rope, "rope_type", None) == "default":
+            param = model.lm_head.weight
+            cos, sin = rope(param.new_empty(1), torch.arange(capacity, device=param.device)[None])
+            self.rope_table = torch.stack([cos[0], sin[0]], 1)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.buf.valid[:, self.buf.length] = True
         base, B = self.model.model, tok.shape[0]
         x = base.embed_tokens(tok[:, None])  # [B, 1, d]
-        cos, sin = (t[:, None] for t in base.rotary_emb(x, pos))  # [B, 1, 1, dh], broadcast over heads
+        if self.rope_table is None:
+            cos, sin = (t[:, None] for t in base.rotary_emb(x, pos))  # [B, 1, 1, dh], broadcast over heads
+        else:
+            cos, sin = self.rope_table[pos][:, :, None].unbind(3)
         for i, w in enumerate(self.layers):
             h = rms_norm(w.norm_in, x)
             q, k, v = (linear(h, *proj).view(B, 1, -1, w.head_dim) for proj in (w.q, w.k, w.v))

@@ -165,17 +165,18 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
         if top_p >= 1:
             return ids[:, 0]
         # the mass above a token is at most 1 minus its own: a token of probability above 1 - top_p is
-        # in the nucleus. Only rows whose first proposal is not are tested in full (demo: 0.15 ->
-        # 0.128 -> 0.078 ms per step)
+        # in the nucleus. Only rows whose first proposal is not are tested in full (demo: 128 -> 78 us
+        # per step; 94 % of draws were sure)
         ok = p.gather(-1, ids) > 1 - top_p + SURE_MARGIN
-        unsure = ~ok[:, 0]
-        if unsure.any():
+        unsure = (~ok[:, 0]).nonzero().squeeze(-1)
+        if unsure.numel():
             ok[unsure] = nucleus_member(p[unsure], ids[unsure], top_p)
         hit = ok.any(-1)
-        out[todo[hit]] = ids[hit].gather(-1, ok[hit].long().argmax(-1, keepdim=True)).squeeze(-1)  # first accepted
+        pick = ids.gather(-1, ok.long().argmax(-1, keepdim=True)).squeeze(-1)  # each row's first accepted draw
+        if hit.all():  # nearly always at once: at least one of R draws lands in the nucleus
+            return pick if todo.numel() == B else out.index_copy_(0, todo, pick)
+        out[todo[hit]] = pick[hit]
         todo = todo[~hit]
-        if todo.numel() == 0:
-            return out
         p, c = probs[todo], cdf[todo]
     sorted_p, order = probs[todo].sort(dim=-1, descending=True)
     # mass strictly above each token: the mass before the first token of its tie group
