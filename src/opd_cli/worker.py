@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from opd_cli.config import TrainConfig
-from opd_cli.distributed import this_rank
+from opd_cli.distributed import leave_process_group, this_rank
 from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
 
 
@@ -35,11 +35,14 @@ def main() -> None:
     except UserError as e:
         if rank.main:
             print(f"error: {e}", file=sys.stderr)
+        leave_process_group()
         sys.exit(2)
     except Stopped as e:
         if rank.main:
             print(e.message(), file=sys.stderr)
+        leave_process_group()
         sys.exit(EXIT_STOPPED)
+    leave_process_group()
 
 
 if __name__ == "__main__":
