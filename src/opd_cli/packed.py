@@ -5,7 +5,8 @@ prompt, responses right-padded to the longest response, and the n responses of
 a prompt repeat its tokens. The scoring pass (teacher and student) needs none of
 that. ``response_hidden`` runs the transformers model once over the real tokens,
 each prompt once for its group of responses, so every linear layer, norm and MLP
-(nearly all of the FLOPs) sees ``[1, N_real, d]``.
+(nearly all of the FLOPs) sees ``[1, N_real, d]``. A response's last token is left out:
+its output would predict nothing, and no token attends to it.
 
 Only attention needs to know which token sees which. It runs under the
 ``opd_packed`` attention implementation, registered with transformers'
@@ -66,11 +67,16 @@ def pack(batch: RolloutBatch, device: torch.device) -> Packing:
     first, group = batch.prompt_groups()
     is_first = torch.zeros(ids.shape[0], dtype=torch.bool)
     is_first[first] = True
+    # a response's last token is a target but no input: its output would predict nothing and no
+    # later token attends to it
+    inputs = rmask[:, P:].clone()
+    last = inputs.sum(1) - 1
+    inputs[(last >= 0).nonzero().squeeze(-1), last[last >= 0]] = False
     # packed tokens in the batch's row-major order: a prompt's tokens in its group's first row only
-    own = torch.cat([attn[:, :P] & is_first[:, None], rmask[:, P:]], dim=1)
+    own = torch.cat([attn[:, :P] & is_first[:, None], inputs], dim=1)
     index = own.flatten().long().cumsum(0).view(own.shape) - 1  # packed index of each owned slot
     # what row r attends over: its group's prompt (owned by the first row), then its own response
-    seen = torch.cat([attn[:, :P], rmask[:, P:]], dim=1)
+    seen = torch.cat([attn[:, :P], inputs], dim=1)
     seen_index = torch.cat([index[first[group], :P], index[:, P:]], dim=1)
     # left-align: the k-th real token of row r goes to column k of its row in the layout. Rows are
     # sorted by length into up to BUCKETS blocks, each as wide as its longest row: attention costs
