@@ -155,14 +155,15 @@ class LeanDecoder(BufferedDecoder):
         if getattr(rope, "rope_type", None) == "default":
             param = model.lm_head.weight
             cos, sin = rope(param.new_empty(1), torch.arange(capacity, device=param.device)[None])
-            self.rope_table = torch.stack([cos[0], sin[0]], 1)
+            self.rope_table = torch.stack([cos[0], signed(sin[0])], 1)
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         self.buf.valid[:, self.buf.length] = True
         base, B = self.model.model, tok.shape[0]
         x = base.embed_tokens(tok[:, None])  # [B, 1, d]
         if self.rope_table is None:
-            cos, sin = (t[:, None] for t in base.rotary_emb(x, pos))  # [B, 1, 1, dh], broadcast over heads
+            cos, sin = base.rotary_emb(x, pos)
+            cos, sin = cos[:, None], signed(sin)[:, None]  # [B, 1, 1, dh], broadcast over heads
         else:
             cos, sin = self.rope_table[pos][:, :, None].unbind(3)
         for i, w in enumerate(self.layers):
@@ -219,10 +220,19 @@ def rms_norm(weight_eps: tuple[torch.Tensor, float], x: torch.Tensor) -> torch.T
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
+def signed(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, as ``rotate`` takes it."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], -1)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of ``x [B, q, H, dh]`` (the half-split convention of the Llama family)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    """Rotary embedding of ``x [B, q, H, dh]`` (the half-split convention of the Llama family).
+
+    ``sin`` comes ``signed``: ``x cos + (-x2, x1) sin`` is then ``x cos + roll(x) sin`` (three
+    operations instead of five; 8 instead of 11 us on a decoding step's queries).
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class CacheDecoder:
