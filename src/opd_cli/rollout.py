@@ -219,7 +219,8 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
         n_live = int(live.sum())
         if t == max_new_tokens - 1 or not (all_reduce([float(n_live)], op="max")[0] if synced else n_live):
             break
-        if n_live * 4 <= live.shape[0] * 3:  # compact: drop finished rows
+        # compact: drop finished rows (not all of them: with none live, a ZeRO-3 rank steps on for the others)
+        if 0 < n_live and n_live * 4 <= live.shape[0] * 3:
             keep = live.nonzero().squeeze(-1)
             decoder.select(keep)
             rows, live, tok, pos = rows[keep], live[keep], tok[keep], pos[keep]
