@@ -67,11 +67,9 @@ def pack(batch: RolloutBatch, device: torch.device) -> Packing:
     first, group = batch.prompt_groups()
     is_first = torch.zeros(ids.shape[0], dtype=torch.bool)
     is_first[first] = True
-    # a response's last token is a target but no input: its output would predict nothing and no
-    # later token attends to it
-    inputs = rmask[:, P:].clone()
-    last = inputs.sum(1) - 1
-    inputs[(last >= 0).nonzero().squeeze(-1), last[last >= 0]] = False
+    # a response token is an input when the next one is a response token too: the last one's
+    # output would predict nothing and no later token attends to it
+    inputs = torch.cat([rmask[:, P + 1 :], torch.zeros_like(rmask[:, :1])], dim=1)
     # packed tokens in the batch's row-major order: a prompt's tokens in its group's first row only
     own = torch.cat([attn[:, :P] & is_first[:, None], inputs], dim=1)
     index = own.flatten().long().cumsum(0).view(own.shape) - 1  # packed index of each owned slot

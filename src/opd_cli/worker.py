@@ -30,19 +30,19 @@ def main() -> None:
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_path))
     from opd_cli.train import train
 
+    code = 0
     try:
         train(cfg, run_dir)
     except UserError as e:
         if rank.main:
             print(f"error: {e}", file=sys.stderr)
-        leave_process_group()
-        sys.exit(2)
+        code = 2
     except Stopped as e:
         if rank.main:
             print(e.message(), file=sys.stderr)
-        leave_process_group()
-        sys.exit(EXIT_STOPPED)
-    leave_process_group()
+        code = EXIT_STOPPED
+    leave_process_group()  # after a run or an error every rank raised, not after a crash
+    sys.exit(code)
 
 
 if __name__ == "__main__":
