@@ -71,6 +71,21 @@ def test_real_world_presets():
         ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
         ("trainer.cpu_linear=mkl", "trainer.cpu_linear: 'mkl' is not one of: auto, onednn, blas"),
+        (
+            "loss.agg=seq-mean",
+            "loss.agg: 'seq-mean' is not one of: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+            "seq-mean-token-sum-norm",
+        ),
+        (
+            "trainer=zero2 +trainer.deepspeed.bf16.enabled=true",
+            "trainer.deepspeed.bf16: set trainer.precision instead (fp32, bf16-mixed or bf16-pure); "
+            "opd-train writes DeepSpeed's mixed-precision keys from it",
+        ),
+        (
+            "trainer=zero2 trainer.precision=bf16-pure",
+            "trainer.precision: bf16-pure (no float32 master weights) is for trainer.engine=torch; "
+            "DeepSpeed trains bf16 with float32 master weights: use bf16-mixed",
+        ),
     ],
 )
 def test_validate_names_the_key(override, message):

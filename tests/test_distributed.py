@@ -8,6 +8,8 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM
 
+from opd_cli.objectives import AGG_MODES
+
 from .conftest import CLI_ENV, REPO, cli_argv, metrics, opd_train
 
 pytestmark = pytest.mark.integration
@@ -15,9 +17,9 @@ pytestmark = pytest.mark.integration
 TWO = ["trainer.nproc_per_node=2", "logger=none"]
 
 
-@pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_two_ranks_complete(stage, tmp_path, models_dir):
-    opd_train(tmp_path, models_dir, f"trainer={stage}", *TWO, "trainer.max_steps=2")
+@pytest.mark.parametrize(("stage", "precision"), [("zero2", "fp32"), ("zero3", "fp32"), ("zero2", "bf16-mixed")])
+def test_two_ranks_complete(stage, precision, tmp_path, models_dir):
+    opd_train(tmp_path, models_dir, f"trainer={stage}", *TWO, "trainer.max_steps=2", f"trainer.precision={precision}")
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: rank 0
     assert all(r["grad_norm"] > 0 for r in rows[1:])
@@ -28,10 +30,12 @@ def test_two_ranks_complete(stage, tmp_path, models_dir):
     assert (tmp_path / "resolved_config.yaml").exists()
 
 
-def test_two_ranks_equal_one_process_with_accumulation(tmp_path, models_dir):
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_two_ranks_equal_one_process_with_accumulation(agg, tmp_path, models_dir):
     """Same rollouts (nucleus 1e-4 makes sampling greedy), micro-batch 4: 2 ranks x 1 micro-batch
-    against 1 process x 2 micro-batches (gradient accumulation 2)."""
+    against 1 process x 2 micro-batches (gradient accumulation 2), for every loss aggregation."""
     same = ["trainer=zero2", "logger=none", "trainer.max_steps=3", "rollout.top_p=0.0001", "trainer.micro_batch_size=4"]
+    same.append(f"loss.agg={agg}")
     opd_train(tmp_path / "two", models_dir, *same, "trainer.nproc_per_node=2")
     opd_train(tmp_path / "one", models_dir, *same, "trainer.nproc_per_node=1")
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")

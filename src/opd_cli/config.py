@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from opd_cli.errors import UserError
+from opd_cli.objectives import AGG_MODES
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LossConfig:
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     dual_clip: float | None = None
+    agg: str = "token-mean"
     mask_tokens: list[str] = field(default_factory=list)
     mask_mode: str = "first"
     chunk_tokens: int = 1024
@@ -97,6 +99,7 @@ class TrainerConfig:
     engine: str = "torch"
     device: str = "auto"
     cpu_linear: str = "auto"
+    precision: str = "auto"
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0
@@ -230,6 +233,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.form": ("direct", "pg"),
     "loss.teacher_values": ("exact", "topk_fill"),
     "loss.mask_mode": ("first", "all"),
+    "loss.agg": AGG_MODES,
     "model.dtype": ("float32", "bfloat16", "float16"),
     "teacher.dtype": ("float32", "bfloat16", "float16"),
     "teacher.backend": ("hf", "vllm"),
@@ -240,6 +244,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.lr_schedule": ("constant", "cosine"),
     "trainer.cpu_linear": ("auto", "onednn", "blas"),
+    "trainer.precision": ("auto", "fp32", "bf16-mixed", "bf16-pure"),
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
@@ -293,6 +298,45 @@ def check_divergence(loss: Any) -> None:
         raise UserError("loss.form: the policy-gradient form is a reverse KL; set loss.direction=reverse")
     if loss.support == "full" and loss.teacher_values != "exact":
         raise UserError("loss.teacher_values: the full support needs the teacher's exact log-probs ('exact')")
+
+
+def student_precision(cfg: Any) -> str:
+    """``trainer.precision`` with ``auto`` resolved from ``model.dtype``: fp32, bf16-mixed or bf16-pure.
+
+    ``auto`` never steps half-precision weights without a float32 master copy: a bfloat16
+    student trains bf16-mixed. bf16-pure happens only when asked for by name.
+    """
+    precision = cfg.trainer.precision
+    if precision != "auto":
+        return precision
+    if cfg.model.dtype == "float16":
+        raise UserError(
+            "model.dtype: float16 training needs loss scaling, which opd-train does not do; "
+            "use bfloat16 (trainer.precision=bf16-mixed) or float32"
+        )
+    return "fp32" if cfg.model.dtype == "float32" else "bf16-mixed"
+
+
+# the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
+PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
+COMPUTE_DTYPE = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-pure": "bfloat16"}
+
+
+def check_precision(cfg: Any) -> None:
+    """The student's precision and the engine's own mixed-precision keys must not disagree."""
+    precision = student_precision(cfg)
+    ds = cfg.trainer.deepspeed or {}
+    for key in ("bf16", "fp16"):
+        if key in ds:
+            raise UserError(
+                f"trainer.deepspeed.{key}: set trainer.precision instead (fp32, bf16-mixed or bf16-pure); "
+                "opd-train writes DeepSpeed's mixed-precision keys from it"
+            )
+    if precision == "bf16-pure" and cfg.trainer.engine == "deepspeed":
+        raise UserError(
+            "trainer.precision: bf16-pure (no float32 master weights) is for trainer.engine=torch; "
+            "DeepSpeed trains bf16 with float32 master weights: use bf16-mixed"
+        )
 
 
 def check_world(trainer: Any) -> None:
@@ -349,6 +393,7 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
     check_world(cfg.trainer)
+    check_precision(cfg)
     if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
         raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")
     if cfg.teacher.url is not None and not cfg.teacher.url.startswith(("http://", "https://")):

@@ -72,28 +72,81 @@ def _fresh_tmp(run_dir: Path, step: int, rank: Rank) -> tuple[Path, Path]:
     return tmp, final
 
 
+class MasterWeights:
+    """float32 master copies of a bfloat16 model's parameters (``trainer.precision=bf16-mixed``).
+
+    The model computes (samples, forward, backward) in bfloat16; after each backward its
+    gradients are added into the masters' float32 gradients, the optimizer steps the
+    masters, and the model gets them back rounded to bfloat16. An update far below
+    bfloat16's resolution (lr 2e-6 on weights of size 1e-2) accumulates in the masters
+    instead of rounding away, as in DeepSpeed's bf16 optimizer and FSDP's mixed precision.
+    """
+
+    def __init__(self, model) -> None:
+        """Masters from ``model``'s (float32) parameters; the model is then cast to bfloat16."""
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.masters = [p.detach().float().clone().requires_grad_() for p in self.params]
+        model.to(torch.bfloat16)
+
+    def accumulate(self) -> None:
+        """Move the model's gradients into the masters' float32 gradients."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Round the masters into the model's parameters."""
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.copy_(m)
+
+    def state(self) -> list[torch.Tensor]:
+        return [m.detach().clone() for m in self.masters]
+
+    @torch.no_grad()
+    def load(self, tensors: list[torch.Tensor]) -> None:
+        for m, t in zip(self.masters, tensors, strict=True):
+            m.copy_(t)
+        self.push()
+
+
 class TorchTrainer:
-    """One process, plain PyTorch: AdamW, LR schedule, gradient clipping."""
+    """One process, plain PyTorch: AdamW, LR schedule, gradient clipping.
+
+    ``precision``: fp32 and bf16-pure step the model's own parameters; bf16-mixed steps
+    float32 master copies of a bfloat16 model (``MasterWeights``).
+    """
 
     synced_generation = False
 
-    def __init__(self, model, tcfg) -> None:
+    def __init__(self, model, tcfg, precision: str = "fp32") -> None:
         self.model = model
         self.net = StudentLoss(model)
         self.max_grad_norm = tcfg.max_grad_norm
-        self.optimizer, self.scheduler = optimizer_and_schedule(model.parameters(), tcfg, fused=True)
+        self.masters = MasterWeights(model) if precision == "bf16-mixed" else None
+        self.params = self.masters.masters if self.masters else list(model.parameters())
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.params, tcfg, fused=True)
 
     def loss(self, *args):
         return self.net(*args)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if self.masters:
+            self.masters.accumulate()
 
     def optimizer_step(self) -> float:
         """Clip, step, zero; returns the global gradient norm before clipping."""
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            self.masters.push()
         return norm.item()
 
     def save(self, run_dir: Path, step: int, tokenizer, state: dict) -> Path:
@@ -102,6 +155,8 @@ class TorchTrainer:
         tokenizer.save_pretrained(tmp / "model")
         save_rng(tmp, 0)
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.masters:
+            extra["master_weights"] = self.masters.state()
         torch.save({**state, **extra, "step": step}, tmp / STATE_FILE)
         return commit(tmp, final)
 
@@ -109,6 +164,8 @@ class TorchTrainer:
         state = load_state(ckpt)
         self.optimizer.load_state_dict(state.pop("optimizer"))
         self.scheduler.load_state_dict(state.pop("scheduler"))
+        if self.masters:
+            self.masters.load(state.pop("master_weights"))
         load_rng(ckpt, 0)
         return state
 
@@ -121,13 +178,16 @@ class DeepSpeedTrainer:
     mini-batch may hold any number of micro-batches.
     """
 
-    def __init__(self, model, tcfg, rank: Rank) -> None:
+    def __init__(self, model, tcfg, rank: Rank, precision: str = "fp32") -> None:
         import deepspeed
 
         self.rank = rank
         ds_cfg = tcfg.deepspeed
         ds = OmegaConf.to_container(ds_cfg, resolve=True) if isinstance(ds_cfg, DictConfig) else dict(ds_cfg)
         ds.update(
+            # bf16-mixed: DeepSpeed runs the module in bfloat16 and steps float32 master weights and
+            # optimizer state (ZeRO's float32 partitions)
+            bf16={"enabled": precision == "bf16-mixed"},
             train_micro_batch_size_per_gpu=tcfg.micro_batch_size,
             gradient_accumulation_steps=1,
             gradient_clipping=tcfg.max_grad_norm,
@@ -185,5 +245,8 @@ class DeepSpeedTrainer:
         return state
 
 
-def make_trainer(model, tcfg, rank: Rank):
-    return DeepSpeedTrainer(model, tcfg, rank) if tcfg.engine == "deepspeed" else TorchTrainer(model, tcfg)
+def make_trainer(model, tcfg, rank: Rank, precision: str = "fp32"):
+    """The training engine of ``trainer.engine`` for ``precision`` (resolved: fp32, bf16-mixed or bf16-pure)."""
+    if tcfg.engine == "deepspeed":
+        return DeepSpeedTrainer(model, tcfg, rank, precision)
+    return TorchTrainer(model, tcfg, precision)

@@ -62,6 +62,44 @@ def discounted_returns(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     return out
 
 
+# loss.agg: how per-token losses make a mini-batch's loss (verl's loss_agg_mode names)
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+def aggregation_weights(
+    weight: torch.Tensor, offsets: torch.Tensor, mode: str, norm_tokens: int
+) -> tuple[torch.Tensor, float]:
+    """Each token's coefficient in a mini-batch's loss, before one shared divisor, and this share's divisor.
+
+    ``weight [N]`` marks the supervised tokens (1) of the sequences whose tokens start at
+    ``offsets [B + 1]``. The mini-batch's loss is ``sum_t coef_t l_t / D``, where ``D`` is
+    the sum of the divisors of every share of the mini-batch (micro-batches, ranks), so
+    the loss does not depend on how the mini-batch is split. With ``n_i`` supervised
+    tokens in sequence ``i`` of the mini-batch's ``S`` sequences:
+
+    - ``token-mean``: ``sum_t l_t / sum_i n_i``
+    - ``seq-mean-token-mean``: ``(1/S) sum_i (1/n_i) sum_{t in i} l_t``
+    - ``seq-mean-token-sum``: ``(1/S) sum_i sum_{t in i} l_t``
+    - ``seq-mean-token-sum-norm``: ``(1/S) sum_i sum_{t in i} l_t / norm_tokens`` (a constant
+      length, the response limit, as in Dr. GRPO)
+
+    A sequence with no supervised token counts in ``S`` (as in paper C's slime and paper A's
+    verl; paper B's verl leaves it out).
+    """
+    seq = torch.repeat_interleave(torch.arange(len(offsets) - 1), offsets.diff())
+    n = torch.zeros(len(offsets) - 1, dtype=weight.dtype).index_add_(0, seq, weight)
+    if mode == "token-mean":
+        return weight, float(n.sum())
+    sequences = float(len(n))
+    if mode == "seq-mean-token-mean":
+        return weight / n.clamp_min(1)[seq], sequences
+    if mode == "seq-mean-token-sum":
+        return weight, sequences
+    if mode == "seq-mean-token-sum-norm":
+        return weight / norm_tokens, sequences
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def ppo_token_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -277,7 +315,8 @@ class TokenInputs:
     """Everything per supervised token that objectives and metrics read; flat over N.
 
     Rows are the response tokens of a batch in row-major order; ``weight`` is 0
-    for tokens excluded from the loss (masked special tokens), else 1.
+    for tokens excluded from the loss (masked special tokens), else 1; ``loss_weight``
+    (``aggregation_weights`` over a mini-batch) weighs each token's loss, ``weight`` its diagnostics.
     """
 
     target: torch.Tensor  # [N] long, the sampled token y_t
@@ -290,6 +329,8 @@ class TokenInputs:
     teacher_topk_logprobs: torch.Tensor  # [N, K] float, full-vocabulary normalized
     teacher_entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
     teacher_hidden: torch.Tensor | None = None  # [N, d_t], when the objective needs the full q_t
+    # [N] float, each token's coefficient in its mini-batch's loss (loss.agg); None: ``weight``
+    loss_weight: torch.Tensor | None = None
 
     def slice(self, start: int, stop: int) -> TokenInputs:
         return TokenInputs(**{f.name: _apply(getattr(self, f.name), lambda t: t[start:stop]) for f in fields(self)})
@@ -528,7 +569,7 @@ def student_loss_and_metrics(
     bucket_tokens: int = 1024,
     diagnostics: bool = True,
 ) -> tuple[torch.Tensor, MetricSums]:
-    """Weighted sum of the per-token loss (with gradient), and the diagnostics (unless told not to).
+    """Sum of the per-token loss times ``x.loss_weight`` (with gradient), and the diagnostics (unless told not to).
 
     Each chunk's loss runs under activation checkpointing: its ``[chunk, V]``
     intermediates are freed after the forward and recomputed one chunk at a time in
@@ -550,7 +591,7 @@ def student_loss_and_metrics(
             loss, clipped = checkpoint(objective.token_loss, hidden[s:e], weight, xc, use_reentrant=False)
         else:
             loss, clipped = objective.token_loss(hidden[s:e], weight, xc)
-        total = total + (loss * xc.weight).sum()
+        total = total + (loss * (xc.weight if xc.loss_weight is None else xc.loss_weight)).sum()
         metrics.add("pg_clipfrac", clipped.to(xc.weight.dtype), xc.weight)
     if diagnostics:  # token_metrics runs without gradient
         for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from opd_cli.checkpoint import latest_checkpoint
-from opd_cli.config import validate
+from opd_cli.config import COMPUTE_DTYPE, PARAM_DTYPE, student_precision, validate
 from opd_cli.distributed import (
     Rank,
     StopRequest,
@@ -41,6 +41,7 @@ from opd_cli.models import check_same_vocabulary, load_model, load_tokenizer, re
 from opd_cli.objectives import (
     MetricSums,
     TokenInputs,
+    aggregation_weights,
     chunk_bounds,
     discounted_returns,
     make_objective,
@@ -60,7 +61,7 @@ def token_inputs(
     """Flat per-token inputs of a batch, and row offsets into them ([B + 1])."""
     rm = batch.response_mask
     keep = special_token_keep(batch.input_ids, rm, mask_ids, loss_cfg.mask_mode)[rm].float()
-    rewards = torch.zeros(rm.shape, dtype=torch.float32)
+    rewards = torch.zeros(rm.shape, dtype=support.sampled_logprob.dtype)
     rewards[rm] = (support.sampled_logprob - batch.old_logprobs[rm]) * keep
     advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
     x = TokenInputs(
@@ -140,6 +141,46 @@ class PhaseClock:
 PHASES = ("rollout", "teacher", "student", "optimizer", "sync")
 
 
+def update(trainer, batch: RolloutBatch, x: TokenInputs, offsets, objective, cfg, world: int, clock: PhaseClock):
+    """Forward, backward and one optimizer step per mini-batch of a rollout batch (this rank's share).
+
+    Each mini-batch's loss aggregates its tokens as ``loss.agg`` says, over every rank's
+    share of it (``aggregation_weights``; the divisors are summed across ranks), so neither
+    micro-batching nor the number of ranks changes it. Returns the mean over the step's
+    optimizer steps of their losses, the diagnostics' sums and the gradient norms.
+    """
+    rows = batch.input_ids.shape[0]  # the same on every rank
+    bounds = chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches))
+    coefs, local = [], []
+    for r0, r1 in bounds:
+        weight, starts = x.weight[offsets[r0] : offsets[r1]], offsets[r0 : r1 + 1] - offsets[r0]
+        coef, divisor = aggregation_weights(weight, starts, cfg.loss.agg, cfg.rollout.max_new_tokens)
+        coefs.append(coef)
+        local += [divisor, weight.sum().item()]
+    total = all_reduce(local)
+    divisors, supervised = total[0::2], total[1::2]
+    x.loss_weight = torch.cat([c / max(d, 1e-30) for c, d in zip(coefs, divisors, strict=True)])
+    trainer.model.train()
+    sums, losses, norms = MetricSums(), [], []
+    for (r0, r1), n_supervised in zip(bounds, supervised, strict=True):
+        if n_supervised == 0:
+            continue  # every token of this mini-batch is masked, on every rank
+        loss = 0.0
+        for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
+            micro = batch.select(torch.arange(r0 + m0, r0 + m1))
+            xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(trainer.model.device)
+            loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
+            # the engine averages gradients over ranks: scale by the world size to get the mini-batch's loss
+            trainer.backward(loss_sum * world)
+            loss += loss_sum.item()
+            sums.merge(msums)
+        losses.append(loss)
+        clock.lap("student")
+        norms.append(trainer.optimizer_step())
+        clock.lap("optimizer")
+    return sum(all_reduce(losses)) / max(1, len(losses)), sums, norms
+
+
 def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[str, float]:
     """One training step on this rank's share of the prompts; returns the job's metrics.
 
@@ -157,43 +198,23 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     support = p.teacher.score(batch, cfg.loss.k, keep_hidden="full" in p.objective.teacher_needs)
     clock.lap("teacher")
     x, offsets = token_inputs(batch, support, p.mask_ids, cfg.loss)
-    trainer.model.train()
-    sums = MetricSums()
-    loss_total = 0.0
-    norms = []
-    rows = batch.input_ids.shape[0]  # the same on every rank
-    for r0, r1 in chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches)):
-        # token-mean over the whole mini-batch, every rank's tokens included
-        (mb_weight,) = all_reduce([x.weight[offsets[r0] : offsets[r1]].sum().item()])
-        if mb_weight == 0:
-            continue  # every token of this mini-batch is masked, on every rank
-        for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
-            micro = batch.select(torch.arange(r0 + m0, r0 + m1))
-            xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(device)
-            loss_sum, msums = trainer.loss(micro, xm, p.objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
-            # the engine averages gradients over ranks: scale by the world size to get the global token-mean
-            trainer.backward(loss_sum * (rank.world / mb_weight))
-            loss_total += loss_sum.item()
-            sums.merge(msums)
-        clock.lap("student")
-        norms.append(trainer.optimizer_step())
-        clock.lap("optimizer")
+    loss_total, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
     trainer.scheduler.step()
     p.rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
     clock.lap("sync")
     step_time = sum(clock.seconds.values())
     lengths = batch.response_mask.sum(1).float()
     responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
+    rows = batch.input_ids.shape[0]
     keys = all_keys(list(sums.sums))
-    local = [loss_total, x.weight.sum().item(), lengths.sum().item(), float(rows), batch.truncated.sum().item()]
-    local.append(repetition(responses) * rows)
+    local = [lengths.sum().item(), float(rows), batch.truncated.sum().item(), repetition(responses) * rows]
     total = all_reduce(local + [sums.sums.get(k, 0.0) for k in keys] + [sums.weights.get(k, 0.0) for k in keys])
-    loss_sum_all, n_weight, n_tokens, n_rows, n_truncated, rep_sum = total[:6]
+    n_tokens, n_rows, n_truncated, rep_sum = total[:4]
     job = MetricSums()
-    job.sums = dict(zip(keys, total[6 : 6 + len(keys)], strict=True))
-    job.weights = dict(zip(keys, total[6 + len(keys) :], strict=True))
+    job.sums = dict(zip(keys, total[4 : 4 + len(keys)], strict=True))
+    job.weights = dict(zip(keys, total[4 + len(keys) :], strict=True))
     length_max, peak_mem = all_reduce([lengths.max().item(), peak_memory_gb(device)], op="max")
-    metrics = {"loss": loss_sum_all / max(n_weight, 1.0), **job.means()}
+    metrics = {"loss": loss_total, **job.means()}
     metrics.update(
         repetition=rep_sum / n_rows,
         grad_norm=sum(norms) / max(1, len(norms)),
@@ -287,7 +308,8 @@ def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
 
         memory, ranks = cfg.rollout.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
         level = sleep_level(cfg.rollout.sleep, 2, "rollout.sleep")
-        llm = make_llm(path, cfg.model.dtype, max_len, 20, memory, cfg.trainer.seed, ranks, level > 0)
+        dtype = COMPUTE_DTYPE[student_precision(cfg)]
+        llm = make_llm(path, dtype, max_len, 20, memory, cfg.trainer.seed, ranks, level > 0)
         return VLLMRollout(llm, tokenizer, EngineMemory(llm, level))
     return HFRollout(trainer.model, tokenizer, synced=trainer.synced_generation)
 
@@ -323,8 +345,11 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     s_path, t_path = resolve_models(cfg, ckpt, rank)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
     t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    precision = student_precision(cfg)
+    # bf16-mixed loads float32 weights: the engine keeps them as master weights and computes in bfloat16
+    cpu_linear = cfg.trainer.cpu_linear if COMPUTE_DTYPE[precision] == "float32" else "blas"
     student = load_model(
-        s_path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code, cfg.trainer.cpu_linear
+        s_path, "model.name_or_path", PARAM_DTYPE[precision], device, cfg.model.trust_remote_code, cpu_linear
     )
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
@@ -335,7 +360,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
-    trainer = make_trainer(student, cfg.trainer, rank)
+    trainer = make_trainer(student, cfg.trainer, rank, precision)
     rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
     return Parts(
         s_tok,
