@@ -72,6 +72,12 @@ def test_real_world_presets():
         ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
         ("trainer.cpu_linear=mkl", "trainer.cpu_linear: 'mkl' is not one of: auto, onednn, blas"),
         (
+            "task.question_regex='(a'",
+            "task.question_regex: not a regular expression (missing ), unterminated subpattern at position 0)",
+        ),
+        ("task.question_regex='a.*'", "task.question_regex: needs a named group (?P<question>...)"),
+        ("loss.tail_floor=0", "loss.tail_floor: must be in (0, 1), got 0.0"),
+        (
             "loss.agg=seq-mean",
             "loss.agg: 'seq-mean' is not one of: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
             "seq-mean-token-sum-norm",
@@ -208,3 +214,43 @@ def test_hub_presets_fail_offline_with_one_line(args, pattern, tmp_path):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), out.stderr
+
+
+def papers_doc_rows():
+    """(preset, key, value) for each row of docs/papers.md whose key is one dotted key and whose value
+    is one number or one backticked literal; a baseline's table changes its parent's values."""
+    import yaml
+
+    rows, preset = [], None
+    for line in (REPO / "docs/papers.md").read_text().splitlines():
+        if m := re.match(r"^(?:## Paper \w+: )?`(paper_\w+)`", line):
+            preset = m.group(1)
+        cells = [c.strip() for c in line.split("|")[1:-1]] if line.startswith("|") else []
+        if len(cells) < 3 or not (key := re.fullmatch(r"`([a-z_]+\.[a-z_.]+)`", cells[1])):
+            continue
+        value = cells[2]
+        if lit := re.fullmatch(r"`([^`\"]*)`", value):  # a quoted prompt is shown as rendered: not compared
+            value = lit.group(1)
+        elif re.fullmatch(r"-?[\d.]+(e-?\d+)?", value):
+            value = float(value)
+        else:
+            continue
+        rows.append((preset, key.group(1), yaml.safe_load(value) if isinstance(value, str) else value))
+    return rows
+
+
+def test_papers_doc_matches_the_presets():
+    """Every value docs/papers.md gives for a preset is what --cfg job composes (baselines inherit)."""
+    rows = papers_doc_rows()
+    parents = {"paper_a_baseline": "paper_a_lsm"}
+    checked = {}
+    for preset, key, value in rows:
+        cfg = compose_cfg([f"experiment={preset}"])
+        got = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"]
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            assert got == pytest.approx(value), (preset, key)
+        else:
+            assert got == value, (preset, key)
+        checked[preset] = checked.get(preset, 0) + 1
+    for preset in presets("experiment"):
+        assert checked.get(preset, 0) >= (2 if preset in parents else 15), (preset, checked)

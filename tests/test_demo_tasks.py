@@ -1,5 +1,6 @@
 """The demo tokenizer and task, and loading problems from local files in hub layouts."""
 
+import copy
 import json
 
 import pytest
@@ -7,7 +8,17 @@ from transformers import AutoTokenizer
 
 from opd_cli.demo import build_model
 from opd_cli.errors import UserError
-from opd_cli.tasks import arith_problems, check_exact, hub_problems, last_boxed, split_held_out
+from opd_cli.tasks import (
+    Problem,
+    arith_problems,
+    check_exact,
+    format_prompt,
+    hub_problems,
+    last_boxed,
+    split_held_out,
+)
+
+from .conftest import compose_cfg
 
 
 def test_tokenizer_reload_keeps_ids(tiny_tokenizer, tiny_model, tmp_path):
@@ -88,3 +99,34 @@ def test_hub_problems_bad_rows(tmp_path):
         hub_problems(None, str(path), "train", "question", "answer")
     with pytest.raises(UserError, match="file not found"):
         hub_problems(None, str(tmp_path / "missing.jsonl"), "train", "question", "answer")
+
+
+DAPO_PREFIX = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+)
+DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+@pytest.mark.parametrize("experiment", ["paper_a_lsm", "paper_b_topk", "paper_c_sg"])
+def test_paper_prompts_take_the_problem_out_of_dapo_rows(experiment):
+    """Each paper asks for \\boxed{} around the bare problem; DAPO's "Answer:" instructions are gone."""
+    cfg = compose_cfg([f"experiment={experiment}", "task.chat_template=false"])
+    problem = "Let $x^2 = 4$ and $x > 0$. Find {x}."
+    text = format_prompt(Problem(DAPO_PREFIX + problem + DAPO_SUFFIX, "2"), cfg.task, None)
+    assert problem in text and "Answer:" not in text and "\\boxed{}" in text
+    assert text == cfg.task.template.replace("{question}", problem).replace("{{}}", "{}")
+    # a row in another layout keeps its text
+    assert format_prompt(Problem("What is 2+2?", "4"), cfg.task, None).startswith(("What is 2+2?", "Math problem"))
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_tokenizer):
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% if enable_thinking is defined and not enable_thinking %}NOTHINK {% endif %}{{ messages[0]['content'] }}"
+    )
+    cfg = compose_cfg(["task.chat_template=true"]).task
+    cfg.template = "{question}"
+    assert format_prompt(Problem("q", "a"), cfg, tok) == "q"
+    cfg.chat_template_kwargs = {"enable_thinking": False}
+    assert format_prompt(Problem("q", "a"), cfg, tok) == "NOTHINK q"

@@ -20,7 +20,7 @@ from opd_cli.objectives import (
     gather_logits,
     make_objective,
     ppo_token_loss,
-    repetition,
+    repetition_counts,
     student_loss_and_metrics,
     teacher_rank,
 )
@@ -108,9 +108,11 @@ def ref_token_loss(logits, t_logp, x, n, cfg):
     else:  # paper C: the teacher's top-K values; the student's own log-prob where the teacher has none
         lq = {v: t_logp[n, v] if v in s_q else logp[v].detach() for v in support}
     lp = {v: logp[v] for v in support}
-    if cfg.form == "pg":
-        z = sum(logp[v].detach().exp() for v in support)
-        return -sum((logp[v].detach().exp() / z * (lq[v] - lp[v].detach())) * lp[v] for v in support)
+    if cfg.form == "pg":  # paper B: A(v) = w(v) (log q(v) - log p(v)), loss -sum A(v) p(v) / sg(p(v))
+        raw = {"student_p": lambda v: lp[v].detach().exp(), "teacher_p": lambda v: lq[v].exp(), "none": lambda v: 1}
+        w = {v: raw[cfg.pg_weight](v) for v in support}
+        z = sum(w.values()) if cfg.renormalize else 1
+        return -sum(w[v] / z * (lq[v] - lp[v].detach()) * (lp[v] - lp[v].detach()).exp() for v in support)
     if cfg.renormalize:
         zp = torch.logsumexp(torch.stack([lp[v] for v in support]), 0)
         zq = torch.logsumexp(torch.stack([lq[v] for v in support]), 0)
@@ -132,9 +134,9 @@ def ref_token_loss(logits, t_logp, x, n, cfg):
     else:
         loss = sum(lp[v].exp() * (lp[v] - lq[v]) for v in support)
     if cfg.tail and len(support) < V:
-        p_tail = 1 - sum(lp[v].exp() for v in support)
-        # the filled teacher values can sum past 1: the teacher's tail is floored at 1e-30 (documented)
-        q_tail = torch.clamp(1 - sum(lq[v].exp() for v in support), min=1e-30)
+        # paper C floors both tails at 1e-8 (the filled teacher values can sum past 1)
+        p_tail = torch.clamp(1 - sum(lp[v].exp() for v in support), min=cfg.tail_floor)
+        q_tail = torch.clamp(1 - sum(lq[v].exp() for v in support), min=cfg.tail_floor)
         loss = loss + p_tail * (p_tail.log() - q_tail.log())
     return loss
 
@@ -259,10 +261,15 @@ def test_sampled_token_clipfrac(dual):
     h, w, tw, x, _ = make_inputs(4, seed=1)
     _, sums = student_loss_and_metrics(h, w, x, make_objective(cfg), 4)
     logp = torch.log_softmax(h @ w.T, -1).gather(-1, x.target[:, None]).squeeze(-1)
-    _, clipped = ppo_token_loss(logp, x.old_logprob, x.advantage, 0.2, 0.2, dual)
-    want = (clipped.double() * x.weight).sum() / x.weight.sum()
-    assert sums.means()["pg_clipfrac"] == pytest.approx(want.item())
-    assert want > 0  # the stale old policy puts some ratios outside the clip range
+    # verl: pg_clipfrac counts the ratio clip (clipped branch strictly larger), pg_clipfrac_lower the
+    # dual clip (negative advantage, loss above -A c), each over the supervised tokens
+    ratio, a = torch.exp(logp - x.old_logprob), x.advantage
+    upper = -a * ratio.clamp(0.8, 1.2) > -a * ratio
+    lower = (a < 0) & (torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2)) > -a * (dual or math.inf))
+    for name, flag in (("pg_clipfrac", upper), ("pg_clipfrac_lower", lower)):
+        want = (flag.double() * x.weight).sum() / x.weight.sum()
+        assert sums.means()[name] == pytest.approx(want.item()), name
+    assert sums.means()["pg_clipfrac"] > 0  # the stale old policy puts some ratios outside the clip range
 
 
 def test_ppo_clip_by_hand():
@@ -272,9 +279,9 @@ def test_ppo_clip_by_hand():
     # ratio 1.5, A>0: clipped to 1.2 -> -1.2; ratio 1.5, A<0: unclipped 1.5; ratio 0.5, A>0: -0.5;
     # ratio 0.5, A<0: clipped at 0.8 -> 0.8; ratio 1, A=-4: 4.
     torch.testing.assert_close(loss, torch.tensor([-1.2, 1.5, -0.5, 0.8, 4.0]))
-    assert clipped.tolist() == [True, False, False, True, False]
+    assert clipped.tolist() == [[True, False], [False, False], [False, False], [True, False], [False, False]]
     loss, clipped = ppo_token_loss(torch.log(torch.tensor([5.0])), torch.zeros(1), torch.tensor([-1.0]), 0.2, 0.2, 3.0)
-    assert loss.item() == pytest.approx(3.0) and clipped.item()
+    assert loss.item() == pytest.approx(3.0) and clipped.tolist() == [[False, True]]
 
 
 def test_discounted_returns_by_hand():
@@ -290,6 +297,35 @@ def test_discounted_returns_by_hand():
 # --------------------------------------------------------------------------- diagnostics
 
 
+def diagnostics_reference(logp, t_logp, x, k, s_top):
+    """Per-token rows of each diagnostic from the papers' definitions, given the student's top-K ids."""
+    rows = {key: [] for key in ("entropy", "t_entropy", "gap", "ratio", "mass_p", "mass_q", "egap", "rank")}
+    adv, adv_w, mass_w = [], [], []
+    for n in range(N):
+        p, q = logp[n].exp(), t_logp[n].exp()
+        s_p, s_q = s_top[n], set(x.teacher_topk_ids[n].tolist())
+        ov = sorted(s_p & s_q)
+        h_p, h_q = -(p * logp[n]).sum(), -(q * t_logp[n]).sum()
+        rows["entropy"].append(h_p)
+        rows["t_entropy"].append(h_q)
+        rows["gap"].append(t_logp[n, x.target[n]] - logp[n, x.target[n]])
+        rows["ratio"].append(len(ov) / k)  # paper B: |TopK(p) ∩ TopK(q)| / K
+        # paper B: the overlap masses over tokens whose overlap is not empty
+        rows["mass_p"].append(sum(p[v] for v in ov) if ov else 0.0)
+        rows["mass_q"].append(sum(q[v] for v in ov) if ov else 0.0)
+        mass_w.append(x.weight[n] if ov else 0.0)
+        rows["egap"].append(abs(h_q - h_p))
+        ranked = t_logp[n].argsort(descending=True).tolist()
+        r = ranked.index(int(x.target[n])) + 1
+        rows["rank"].append(r if r <= k else k + 1)
+        # paper B's adv_intersection: every (token, overlap id) entry, p_bar renormalized on the student's top-K
+        z = sum(p[v] for v in s_p)
+        for v in ov:
+            adv.append(p[v] / z * (math.log(q[v]) - math.log(p[v])))
+            adv_w.append(x.weight[n])
+    return rows, adv, adv_w, mass_w
+
+
 def test_diagnostics_match_reference():
     k = 5
     h, w, tw, x, t_logp = make_inputs(k, seed=2)
@@ -297,46 +333,57 @@ def test_diagnostics_match_reference():
     got = sums.means()
     logp = torch.log_softmax(h @ w.T, -1)
     wt = x.weight
-    rows = {key: [] for key in ("entropy", "gap", "ratio", "mass_p", "mass_q", "egap", "rank")}
-    adv, adv_w = [], []
-    for n in range(N):
-        p, q = logp[n].exp(), t_logp[n].exp()
-        s_p, s_q = set(logp[n].topk(k).indices.tolist()), set(x.teacher_topk_ids[n].tolist())
-        ov = sorted(s_p & s_q)
-        h_p, h_q = -(p * logp[n]).sum(), -(q * t_logp[n]).sum()
-        rows["entropy"].append(h_p)
-        rows["gap"].append(t_logp[n, x.target[n]] - logp[n, x.target[n]])
-        rows["ratio"].append(len(ov) / k)
-        rows["mass_p"].append(sum(p[v] for v in ov) if ov else 0.0)
-        rows["mass_q"].append(sum(q[v] for v in ov) if ov else 0.0)
-        rows["egap"].append(abs(h_q - h_p))
-        ranked = t_logp[n].argsort(descending=True).tolist()
-        r = ranked.index(int(x.target[n])) + 1
-        rows["rank"].append(r if r <= k else k + 1)
-        if ov:
-            zp, zq = sum(p[v] for v in ov), sum(q[v] for v in ov)
-            adv.append(sum(p[v] / zp * (math.log(q[v] / zq) - math.log(p[v] / zp)) for v in ov) / len(ov))
-            adv_w.append(wt[n])
+    s_top = [set(logp[n].topk(k).indices.tolist()) for n in range(N)]
+    rows, adv, adv_w, mass_w = diagnostics_reference(logp, t_logp, x, k, s_top)
 
     def mean(vals, weights=wt):
         return sum(float(a) * float(b) for a, b in zip(vals, weights, strict=True)) / float(sum(weights))
 
     names = {
         "entropy": "entropy",
+        "t_entropy": "teacher_entropy",
         "gap": "logprob_gap",
         "ratio": "overlap_ratio",
-        "mass_p": "overlap_mass_student",
-        "mass_q": "overlap_mass_teacher",
         "egap": "entropy_gap",
         "rank": "teacher_rank",
     }
     for key, metric in names.items():
         assert got[metric] == pytest.approx(mean(rows[key]), rel=1e-9), metric
+    assert got["overlap_mass_student"] == pytest.approx(mean(rows["mass_p"], mass_w), rel=1e-9)
+    assert got["overlap_mass_teacher"] == pytest.approx(mean(rows["mass_q"], mass_w), rel=1e-9)
     assert got["overlap_adv"] == pytest.approx(mean(adv, adv_w), rel=1e-9)
     for b in range(3):  # positions 0..4 in buckets of 2 tokens
         sel = [(x.position[n] // 2) == b for n in range(N)]
-        want = mean([g for g, s in zip(rows["gap"], sel, strict=True) if s], [wt[n] for n in range(N) if sel[n]])
-        assert got[f"logprob_gap/bucket_{b}"] == pytest.approx(want, rel=1e-9)
+        for key, metric in (("gap", "logprob_gap"), ("ratio", "overlap_ratio")):
+            want = mean([g for g, s in zip(rows[key], sel, strict=True) if s], [wt[n] for n in range(N) if sel[n]])
+            assert got[f"{metric}/bucket_{b}"] == pytest.approx(want, rel=1e-9)
+
+
+def test_overlap_ratio_counts_k_ids_with_ties():
+    """Five student logits tie across the K-th place: a top-K set holds K ids, whichever tied ids it takes
+    (paper B's torch.topk), so the overlap ratio stays between the fewest and the most tied teacher ids a
+    top-K set can hold (counting every tied id in would exceed it)."""
+    k = 5
+    h, w, tw, x, t_logp = make_inputs(k, seed=4, identity_head=True)
+    order = h.argsort(-1, descending=True)
+    for n in range(N):  # ranks 3..7 (0-based) share one logit: the K-th place is tied
+        h[n, order[n, 3:8]] = h[n, order[n, 3]].item()
+    x.teacher_topk_ids = order[:, [0, 4, 5, 6, 9]]  # one sure overlap id, three tied ones, one outside
+    _, sums = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=k)), 4)
+    logp = torch.log_softmax(h @ w.T, -1)
+    lo = hi = 0.0
+    for n in range(N):
+        kth = logp[n].topk(k).values[-1]
+        above = set((logp[n] > kth + 1e-12).nonzero().squeeze(-1).tolist())
+        tied = set((abs(logp[n] - kth) <= 1e-12).nonzero().squeeze(-1).tolist())
+        t = set(x.teacher_topk_ids[n].tolist())
+        free = k - len(above)  # slots the tied ids fill
+        fixed, t_tied, o_tied = len(above & t), len(tied & t), len(tied - t)
+        lo += float(x.weight[n]) * (fixed + max(0, free - o_tied)) / k
+        hi += float(x.weight[n]) * (fixed + min(free, t_tied)) / k
+    total = float(x.weight.sum())
+    assert lo / total - 1e-12 <= sums.means()["overlap_ratio"] <= hi / total + 1e-12
+    assert sums.means()["overlap_ratio"] <= 1
 
 
 def test_teacher_rank_by_hand():
@@ -345,8 +392,10 @@ def test_teacher_rank_by_hand():
 
 
 def test_repetition_by_hand():
-    # "a b c a b c": 3-grams abc bca cab abc -> 3 unique of 4; a response shorter than 3 counts 0
-    assert repetition([[1, 2, 3, 1, 2, 3], [5, 6]]) == pytest.approx((1 - 3 / 4 + 0) / 2)
+    # paper C: "a b c a b c" -> the last token ends "a b c" seen before: 1 repeat in 6 tokens; "a b c b c b c":
+    # "b c b" at 5 and "c b c" at 6 were seen before; a response shorter than 3 has none
+    assert repetition_counts([[1, 2, 3, 1, 2, 3], [5, 6]]) == (1, 8)
+    assert repetition_counts([[1, 2, 3, 2, 3, 2, 3]]) == (2, 7)
 
 
 # --------------------------------------------------------------------------- teacher requirements
@@ -367,3 +416,22 @@ def test_teacher_requirements(name):
             check_teacher_supplies(obj, TOPK_ONLY, "vllm")
     else:
         check_teacher_supplies(obj, TOPK_ONLY, "vllm")
+
+
+@pytest.mark.parametrize("pg_weight", ["student_p", "teacher_p", "none"])
+@pytest.mark.parametrize("name", ["student_topk_pg", "overlap_only", "nonoverlap_only"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_pg_weights_match_reference(name, pg_weight, renormalize):
+    """Paper B's reward_weight_mode, renormalized on the support or raw (its non-overlap run)."""
+    check_preset(name, 5, cfg_overrides={"pg_weight": pg_weight, "renormalize": renormalize})
+
+
+def test_tail_floor_is_reached_on_a_peaked_teacher():
+    """A teacher whose top-K holds all its mass: its tail is floored (paper C: 1e-8), not 1e-30."""
+    h, w, tw, x, t_logp = make_inputs(5, seed=3)
+    x.teacher_topk_logprobs = torch.log_softmax(x.teacher_topk_logprobs * 50, -1)  # top-5 mass exactly 1
+    base = preset("topk_tail", k=5)
+    losses = {
+        f: make_objective(OmegaConf.merge(base, {"tail_floor": f}), tw).token_loss(h, w, x)[0] for f in (1e-8, 1e-30)
+    }
+    assert not torch.allclose(losses[1e-8], losses[1e-30])

@@ -8,6 +8,7 @@ Every key is documented with a comment in its YAML under ``conf/``.
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,9 @@ class LossConfig:
     beta: float = 0.5
     form: str = "direct"
     teacher_values: str = "exact"
+    pg_weight: str = "student_p"
+    tail_floor: float = 1e-8
+    max_response_tokens: int | None = None
     gamma: float = 0.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -87,6 +91,8 @@ class TaskConfig:
     answer_key: str = "answer"
     template: str = "{question}"
     chat_template: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    question_regex: str | None = None
     checker: str = "exact"
     answer_timeout_s: int = 4
     eval_only: bool = False
@@ -232,6 +238,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.direction": ("reverse", "forward", "jsd"),
     "loss.form": ("direct", "pg"),
     "loss.teacher_values": ("exact", "topk_fill"),
+    "loss.pg_weight": ("student_p", "teacher_p", "none"),
     "loss.mask_mode": ("first", "all"),
     "loss.agg": AGG_MODES,
     "model.dtype": ("float32", "bfloat16", "float16"),
@@ -360,6 +367,18 @@ def check_world(trainer: Any) -> None:
         raise UserError(f"trainer.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage}")
 
 
+def check_question_regex(pattern: str | None) -> None:
+    """``task.question_regex`` must compile and name a group ``question``."""
+    if pattern is None:
+        return
+    try:
+        groups = re.compile(pattern).groupindex
+    except re.error as e:
+        raise UserError(f"task.question_regex: not a regular expression ({e})") from None
+    if "question" not in groups:
+        raise UserError("task.question_regex: needs a named group (?P<question>...)")
+
+
 def looks_local(name_or_path: str) -> bool:
     """A local directory rather than a hub id ("org/name" or "name")."""
     return (
@@ -389,6 +408,12 @@ def validate(cfg: Any) -> None:
     for key in ("loss.clip_ratio_low", "loss.clip_ratio_high"):
         if not 0 <= _get(cfg, key) < 1:
             raise UserError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    if not 0 < cfg.loss.tail_floor < 1:
+        raise UserError(f"loss.tail_floor: must be in (0, 1), got {cfg.loss.tail_floor}")
+    if cfg.loss.max_response_tokens is not None and cfg.loss.max_response_tokens < 1:
+        raise UserError(
+            f"loss.max_response_tokens: must be an integer >= 1 or null, got {cfg.loss.max_response_tokens}"
+        )
     if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
@@ -415,6 +440,7 @@ def validate(cfg: Any) -> None:
         raise UserError(f"task.path: file not found: {cfg.task.path}")
     if "{question}" not in cfg.task.template:
         raise UserError("task.template: must contain '{question}'")
+    check_question_regex(cfg.task.question_regex)
     for key in ("model.name_or_path", "teacher.name_or_path"):
         value = _get(cfg, key)
         if value.startswith("demo:"):

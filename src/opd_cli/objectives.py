@@ -108,22 +108,28 @@ def ppo_token_loss(
     clip_high: float,
     dual_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate per token, and where a clipped branch is taken.
+    """PPO clipped surrogate per token, and which clip is taken: ``[c, 2]`` bool (ratio clip, dual clip).
 
     ``rho = exp(logp - old_logp)``; loss ``max(-A rho, -A clip(rho, 1-lo, 1+hi))``;
-    with ``dual_clip = c`` the loss of a negative advantage is capped at ``-A c``.
+    with ``dual_clip = c`` the loss of a negative advantage is capped at ``-A c`` (verl's
+    ``clip_ratio_c``). The two flags are verl's ``pg_clipfrac`` (the clipped branch is
+    strictly larger) and ``pg_clipfrac_lower`` (a negative advantage's loss above the cap).
     """
     ratio = torch.exp(logp - old_logp)
     loss1 = -advantage * ratio
     loss2 = -advantage * ratio.clamp(1 - clip_low, 1 + clip_high)
     loss = torch.maximum(loss1, loss2)
-    clipped = loss2 > loss1
+    dual = torch.zeros_like(loss, dtype=torch.bool)
     if dual_clip is not None:
         cap = -advantage * dual_clip
         dual = (advantage < 0) & (loss > cap)
         loss = torch.where(dual, cap, loss)
-        clipped = clipped | dual
-    return loss, clipped
+    return loss, torch.stack([loss2 > loss1, dual], -1)
+
+
+def no_clip(loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, flags)`` of an objective that never clips (``Objective.token_loss``)."""
+    return loss, torch.zeros(*loss.shape, 2, dtype=torch.bool, device=loss.device)
 
 
 class _GatherLogits(torch.autograd.Function):
@@ -242,6 +248,8 @@ class DivergenceSpec:
     beta: float = 0.5  # jsd only: 0 forward KL, 1 reverse KL
     form: str = "direct"  # direct: differentiate the divergence | pg: paper B's policy-gradient form
     teacher_values: str = "exact"  # exact: teacher log-probs at any id | topk_fill: paper C's fill
+    pg_weight: str = "student_p"  # pg form: candidate weights student_p | teacher_p | none (paper B)
+    tail_floor: float = 1e-8  # tail bucket: floor of both tail masses (paper C: 1e-8)
 
 
 def support_loss(
@@ -263,11 +271,11 @@ def support_loss(
     """
     if spec.form == "pg":
         valid = torch.ones_like(lp, dtype=torch.bool) if valid is None else valid
-        # paper B's code: A(v) = p_bar(v) (log q(v) - log p(v)) on un-renormalized log-probs,
-        # p_bar renormalized on the support; loss -sum_v sg(A(v)) log p(v)
-        p_bar = log_renormalize(lp.detach(), valid).exp()
-        adv = (p_bar * (lq - lp.detach())).masked_fill(~valid, 0)
-        return -(adv * lp).masked_fill(~valid, 0).sum(-1)
+        # paper B's code: A(v) = w(v) (log q(v) - log p(v)) on full-vocabulary log-probs, w from
+        # spec.pg_weight (renormalized on the support or raw); loss -sum_v A(v) rho(v), rho = p / sg(p):
+        # its value is -sum_v A(v) (as B logs it), its gradient -sum_v A(v) grad log p(v)
+        adv = (pg_weights(lp.detach(), lq, valid, spec) * (lq - lp.detach())).masked_fill(~valid, 0)
+        return -(adv * torch.exp(lp - lp.detach())).masked_fill(~valid, 0).sum(-1)
     if valid is not None and spec.renormalize:
         lp, lq = log_renormalize(lp, valid), log_renormalize(lq, valid)
     elif valid is not None:
@@ -287,6 +295,19 @@ def support_loss(
     return loss
 
 
+def pg_weights(lp: torch.Tensor, lq: torch.Tensor, valid: torch.Tensor, spec: DivergenceSpec) -> torch.Tensor:
+    """Paper B's candidate weights ``[c, M]`` (its ``reward_weight_mode``), no gradient.
+
+    ``student_p`` weighs by the student's probability, ``teacher_p`` by the teacher's, ``none``
+    uniformly; with ``spec.renormalize`` the weights are renormalized on the support (B's
+    student top-k and overlap runs), otherwise raw (B's non-overlap run: ``exp(log p)``, or 1).
+    """
+    logw = {"student_p": lp, "teacher_p": lq, "none": torch.zeros_like(lp)}[spec.pg_weight].detach()
+    if spec.renormalize:
+        return log_renormalize(logw, valid).exp().masked_fill(~valid, 0)
+    return logw.exp().masked_fill(~valid, 0)
+
+
 def reverse_terms(lp: torch.Tensor, lq: torch.Tensor, stop_grad: str) -> torch.Tensor:
     """``p (log p - log q)`` per slot, with the stop-gradient variants of ``DivergenceSpec.stop_grad``."""
     if stop_grad == "log_ratio":
@@ -302,9 +323,9 @@ def log_tail(logp_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp_full.masked_fill(~outside, MASKED_LOG).logsumexp(-1)
 
 
-def log1m_sum(logv: torch.Tensor) -> torch.Tensor:
-    """``log(1 - sum exp(logv))`` along the last dim, floored at 1e-30 (a constant: no gradient)."""
-    return torch.log((1 - logv.exp().sum(-1)).clamp_min(1e-30))
+def log1m_sum(logv: torch.Tensor, floor: float) -> torch.Tensor:
+    """``log(1 - sum exp(logv))`` along the last dim, floored at ``floor`` (a constant: no gradient)."""
+    return torch.log((1 - logv.exp().sum(-1)).clamp_min(floor))
 
 
 # --------------------------------------------------------------------------- token inputs
@@ -352,8 +373,8 @@ class Objective:
     ``teacher_needs`` names what the teacher must supply: ``sampled_logprob``
     (log q of the sampled token), ``topk`` (top-K ids and log-probs), ``full``
     (log-probs at any id: the in-process teacher's hidden states and head).
-    ``token_loss`` returns the per-token loss [c] and a per-token bool [c] that is
-    True where a clipped branch was taken (all False for non-clipped objectives).
+    ``token_loss`` returns the per-token loss [c] and per-token bools [c, 2]: whether the
+    PPO ratio clip and the dual clip were taken (all False for non-clipped objectives).
     """
 
     name: str = ""
@@ -385,8 +406,7 @@ class PolicyGradient(Objective):
         logp = full_logprobs(hidden, weight).gather(-1, x.target[:, None]).squeeze(-1)
         if self.clip:
             return ppo_token_loss(logp, x.old_logprob, x.advantage, self.clip_low, self.clip_high, self.dual_clip)
-        loss = -torch.exp(logp - x.old_logprob) * x.advantage
-        return loss, torch.zeros_like(loss, dtype=torch.bool)
+        return no_clip(-torch.exp(logp - x.old_logprob) * x.advantage)
 
 
 class SupportDivergence(Objective):
@@ -427,8 +447,7 @@ class SupportDivergence(Objective):
         t_ids, t_lps = x.teacher_topk_ids, upcast(x.teacher_topk_logprobs)
         if self.gathered_only:
             lp = upcast(gather_logits(hidden, weight, t_ids))
-            loss = support_loss(lp, t_lps.to(lp.dtype), torch.ones_like(t_ids, dtype=torch.bool), spec)
-            return loss, torch.zeros_like(loss, dtype=torch.bool)
+            return no_clip(support_loss(lp, t_lps.to(lp.dtype), torch.ones_like(t_ids, dtype=torch.bool), spec))
         if self.needs_normalizer:
             logp_full = full_logprobs(hidden, weight)
         else:
@@ -436,8 +455,7 @@ class SupportDivergence(Objective):
                 logp_full = full_logprobs(hidden, weight)
         if spec.support == "full":
             lp, lq = logp_full, self.teacher_logprobs(x).to(logp_full.dtype)
-            loss = support_loss(lp, lq, None, spec)
-            return loss, torch.zeros_like(loss, dtype=torch.bool)
+            return no_clip(support_loss(lp, lq, None, spec))
         s_ids = logp_full.detach().topk(min(self.k, logp_full.shape[-1]), dim=-1).indices
         ids, valid = support_slots(spec.support, s_ids, t_ids)
         if self.needs_normalizer:
@@ -449,11 +467,11 @@ class SupportDivergence(Objective):
         else:  # every slot is in the teacher's top-K, or paper C's fill with the student's log-prob
             lq = topk_fill(ids, t_ids, t_lps, logp_full.detach().gather(-1, ids))
         tail = None
-        if spec.tail:
-            lq_tail = log1m_sum(lq.masked_fill(~valid, MASKED_LOG))
-            tail = (log_tail(logp_full, ids), lq_tail)
-        loss = support_loss(lp, lq.to(lp.dtype), valid, spec, tail)
-        return loss, torch.zeros_like(loss, dtype=torch.bool)
+        if spec.tail:  # paper C floors both tail masses (1e-8 in its code)
+            floor = math.log(spec.tail_floor)
+            lq_tail = log1m_sum(lq.masked_fill(~valid, MASKED_LOG), spec.tail_floor)
+            tail = (log_tail(logp_full, ids).clamp_min(floor), lq_tail)
+        return no_clip(support_loss(lp, lq.to(lp.dtype), valid, spec, tail))
 
 
 def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
@@ -473,20 +491,28 @@ def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Object
 # --------------------------------------------------------------------------- diagnostics
 
 
-def teacher_rank(topk_ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The teacher's rank of each sampled token: 1..K within its top-K, K + 1 outside."""
-    match = topk_ids == target[:, None]
-    k = topk_ids.shape[-1]
+def teacher_rank(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The teacher's rank of each sampled token: 1..K within its top-K ``ids``, K + 1 outside."""
+    match = ids == target[:, None]
+    k = ids.shape[-1]
     return torch.where(match.any(-1), match.float().argmax(-1) + 1, torch.full_like(target, k + 1))
 
 
-def repetition(responses: list[list[int]], n: int = 3) -> float:
-    """Mean over responses of the share of repeated n-grams: ``1 - unique / total`` (0 if shorter than n)."""
-    ratios = []
+def repetition_counts(responses: list[list[int]], n: int = 3) -> tuple[int, int]:
+    """Paper C's repetition (``opd_token_stats_repeat_ratio``): how many response tokens end an
+    n-gram already seen earlier in the same response, and how many tokens there are.
+
+    The ratio pooled over a batch's tokens is the first sum over the second.
+    """
+    repeats = tokens = 0
     for r in responses:
-        grams = [tuple(r[i : i + n]) for i in range(len(r) - n + 1)]
-        ratios.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
-    return sum(ratios) / max(1, len(ratios))
+        seen: set[tuple[int, ...]] = set()
+        for end in range(n - 1, len(r)):
+            gram = tuple(r[end - n + 1 : end + 1])
+            repeats += gram in seen
+            seen.add(gram)
+        tokens += len(r)
+    return repeats, tokens
 
 
 class MetricSums:
@@ -509,26 +535,26 @@ class MetricSums:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
-def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of each row of ``x [c, V]`` (no gradient).
+def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ids of the k largest values of each row of ``x [c, V]``, in no order (no gradient).
 
-    ``v in TopK(row)`` is then ``row[v] >= kth_largest`` (a tie at the K-th value counts
-    every tied id in). On CPU, numpy's introselect partition is 3-4x faster than
-    ``torch.topk`` for a few thousand rows of a small vocabulary.
+    Ties at the k-th value are broken arbitrarily, as by ``torch.topk`` in paper B's code. On
+    CPU numpy's introselect partition is 3-4x faster than ``torch.topk`` for a small vocabulary.
     """
     if x.device.type == "cpu":
-        cut = x.shape[-1] - k
-        return torch.from_numpy(np.partition(x.detach().numpy(), cut, axis=-1)[:, cut])
-    return x.topk(k, dim=-1).values[:, -1]
+        return torch.from_numpy(np.argpartition(-x.detach().numpy(), k - 1, axis=-1)[:, :k].copy())
+    return x.topk(k, dim=-1).indices
 
 
 @torch.no_grad()
 def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bucket_tokens: int) -> MetricSums:
-    """Per-token diagnostics of one chunk (methods.md names), without gradient.
+    """Per-token diagnostics of one chunk, as the papers' code computes them, without gradient.
 
-    K is the teacher's support size. overlap = TopK(p) ∩ TopK(q); ``overlap_adv`` is
-    the mean over overlap ids of ``p_bar (log q_bar - log p_bar)`` renormalized on the
-    overlap, averaged over tokens whose overlap is not empty.
+    K is the teacher's support size, ``O = TopK(p) ∩ TopK(q)`` by id (paper B's code). B's
+    ``overlap_ratio`` is ``|O| / K`` pooled over tokens; its overlap masses ``sum_O p`` and
+    ``sum_O q`` are averaged over tokens with a non-empty overlap; its ``overlap_adv``
+    (``adv_intersection``) is the mean over all (token, id in O) of the advantage
+    ``p_bar(v) (log q(v) - log p(v))``, ``p_bar`` the student renormalized on its top-K.
     """
     m = MetricSums()
     logp = full_logprobs(hidden, weight)
@@ -538,22 +564,29 @@ def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bu
     gap = x.teacher_logprob.to(logp.dtype) - logp_y
     t_ids, t_lps = x.teacher_topk_ids, x.teacher_topk_logprobs.to(logp.dtype)
     k = t_ids.shape[-1]
-    lp_t = logp.gather(-1, t_ids)
-    in_overlap = lp_t >= kth_largest(logp, k)[:, None]  # [c, K]: which teacher slots are in TopK(p)
-    lp_bar, lq_bar = log_renormalize(lp_t, in_overlap), log_renormalize(t_lps, in_overlap)
-    adv = (lp_bar.exp() * (lq_bar - lp_bar)).masked_fill(~in_overlap, 0).sum(-1)
+    s_ids = topk_ids(logp, k).to(t_ids.device)
+    lp_s = logp.gather(-1, s_ids)  # [c, K] the student's top-K
+    in_overlap = membership(s_ids, t_ids)
+    lq_s = topk_fill(s_ids, t_ids, t_lps, lp_s)  # the teacher's log-probs on the overlap slots
+    p_bar = lp_s.softmax(-1)
+    adv = (p_bar * (lq_s - lp_s)).masked_fill(~in_overlap, 0).sum(-1)
     n_overlap = in_overlap.sum(-1).to(logp.dtype)
+    any_overlap = w * (n_overlap > 0).to(w.dtype)
+    ratio = n_overlap / k
     m.add("entropy", entropy, w)
+    m.add("teacher_entropy", x.teacher_entropy.to(logp.dtype), w)
     m.add("logprob_gap", gap, w)
-    m.add("overlap_ratio", n_overlap / k, w)
-    m.add("overlap_mass_student", lp_t.exp().masked_fill(~in_overlap, 0).sum(-1), w)
-    m.add("overlap_mass_teacher", t_lps.exp().masked_fill(~in_overlap, 0).sum(-1), w)
-    m.add("overlap_adv", adv / n_overlap.clamp_min(1), w * (n_overlap > 0).to(w.dtype))
+    m.add("overlap_ratio", ratio, w)
+    m.add("overlap_mass_student", lp_s.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
+    m.add("overlap_mass_teacher", lq_s.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
+    m.add("overlap_adv", adv / n_overlap.clamp_min(1), w * n_overlap)
     m.add("entropy_gap", (x.teacher_entropy.to(logp.dtype) - entropy).abs(), w)
     m.add("teacher_rank", teacher_rank(t_ids, x.target).to(logp.dtype), w)
     bucket = x.position // bucket_tokens
     for b in bucket.unique().tolist():
-        m.add(f"logprob_gap/bucket_{b}", gap, w * (bucket == b).to(w.dtype))
+        in_b = (bucket == b).to(w.dtype)
+        m.add(f"logprob_gap/bucket_{b}", gap, w * in_b)
+        m.add(f"overlap_ratio/bucket_{b}", ratio, w * in_b)
     return m
 
 
@@ -592,7 +625,8 @@ def student_loss_and_metrics(
         else:
             loss, clipped = objective.token_loss(hidden[s:e], weight, xc)
         total = total + (loss * (xc.weight if xc.loss_weight is None else xc.loss_weight)).sum()
-        metrics.add("pg_clipfrac", clipped.to(xc.weight.dtype), xc.weight)
+        metrics.add("pg_clipfrac", clipped[:, 0].to(xc.weight.dtype), xc.weight)
+        metrics.add("pg_clipfrac_lower", clipped[:, 1].to(xc.weight.dtype), xc.weight)
     if diagnostics:  # token_metrics runs without gradient
         for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
             metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,9 +221,16 @@ def load_problems(task_cfg) -> tuple[list[Problem], list[Problem]]:
 
 
 def format_prompt(problem: Problem, task_cfg, tokenizer) -> str:
-    """The prompt text: ``task.template`` filled in, in the chat template if asked."""
+    """The prompt text: ``task.template`` filled in, in the chat template if asked.
+
+    ``task.question_regex`` first takes the problem out of a row that wraps it in its own
+    instructions (its group ``question``); a row it does not match keeps its whole text.
+    """
+    question = problem.question
+    if task_cfg.question_regex and (match := re.search(task_cfg.question_regex, question)):
+        question = match.group("question")
     try:
-        text = task_cfg.template.format(question=problem.question)
+        text = task_cfg.template.format(question=question)
     except (IndexError, KeyError, ValueError) as e:
         raise UserError(
             f"task.template: cannot fill in {{question}} ({e}); write literal braces as {{{{ }}}}"
@@ -231,6 +239,7 @@ def format_prompt(problem: Problem, task_cfg, tokenizer) -> str:
         return text
     if tokenizer.chat_template is None:
         raise UserError("task.chat_template: the student's tokenizer has no chat template")
+    kwargs = dict(task_cfg.chat_template_kwargs or {})
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
     )

@@ -45,7 +45,7 @@ from opd_cli.objectives import (
     chunk_bounds,
     discounted_returns,
     make_objective,
-    repetition,
+    repetition_counts,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
 from opd_cli.scores import avg_at_k
@@ -60,7 +60,10 @@ def token_inputs(
 ) -> tuple[TokenInputs, torch.Tensor]:
     """Flat per-token inputs of a batch, and row offsets into them ([B + 1])."""
     rm = batch.response_mask
-    keep = special_token_keep(batch.input_ids, rm, mask_ids, loss_cfg.mask_mode)[rm].float()
+    keep = special_token_keep(batch.input_ids, rm, mask_ids, loss_cfg.mask_mode)
+    if loss_cfg.max_response_tokens is not None:  # paper C leaves over-long responses out of the loss
+        keep &= (rm.sum(1) <= loss_cfg.max_response_tokens)[:, None]
+    keep = keep[rm].float()
     rewards = torch.zeros(rm.shape, dtype=support.sampled_logprob.dtype)
     rewards[rm] = (support.sampled_logprob - batch.old_logprobs[rm]) * keep
     advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
@@ -207,16 +210,16 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
     rows = batch.input_ids.shape[0]
     keys = all_keys(list(sums.sums))
-    local = [lengths.sum().item(), float(rows), batch.truncated.sum().item(), repetition(responses) * rows]
+    local = [lengths.sum().item(), float(rows), batch.truncated.sum().item(), *repetition_counts(responses)]
     total = all_reduce(local + [sums.sums.get(k, 0.0) for k in keys] + [sums.weights.get(k, 0.0) for k in keys])
-    n_tokens, n_rows, n_truncated, rep_sum = total[:4]
+    n_tokens, n_rows, n_truncated, repeats, rep_tokens = total[:5]
     job = MetricSums()
-    job.sums = dict(zip(keys, total[4 : 4 + len(keys)], strict=True))
-    job.weights = dict(zip(keys, total[4 + len(keys) :], strict=True))
+    job.sums = dict(zip(keys, total[5 : 5 + len(keys)], strict=True))
+    job.weights = dict(zip(keys, total[5 + len(keys) :], strict=True))
     length_max, peak_mem = all_reduce([lengths.max().item(), peak_memory_gb(device)], op="max")
     metrics = {"loss": loss_total, **job.means()}
     metrics.update(
-        repetition=rep_sum / n_rows,
+        repetition=repeats / max(1.0, rep_tokens),
         grad_norm=sum(norms) / max(1, len(norms)),
         response_clip_ratio=n_truncated / n_rows,
         response_length=n_tokens / n_rows,
