@@ -89,3 +89,15 @@ def tiny_model(tiny_tokenizer):
     cfg = SimpleNamespace(hidden_size=64, num_layers=2, seed=1)
     torch.manual_seed(1)
     return build_model(tiny_tokenizer, cfg).eval()
+
+
+def perturbed_copy(model, scale: float = 0.05, seed: int = 0):
+    """A copy of ``model`` with seeded Gaussian noise on every weight: a teacher close to the student."""
+    import copy
+
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return other

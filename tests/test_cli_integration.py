@@ -29,16 +29,26 @@ STEP_KEYS = {
     "teacher_rank",
     "repetition",
     "logprob_gap/bucket_0",
+    "overlap_ratio/bucket_0",
     "peak_mem_gb",
+    "pg_clipfrac_lower",
+    "teacher_entropy",
+    "train_rollout_logprob_abs_diff",
+    "train_rollout_k3_kl",
 }
 LOSS_PRESETS = sorted(p.stem for p in (REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")
 
 
 def test_topk_lsm_two_steps_with_wandb_offline(tmp_path, models_dir):
     run = tmp_path / "lsm"
-    opd_train(run, models_dir, "trainer.max_steps=2", "loss=topk_lsm", "loss.k=4", "rollout.top_p=0.9")
+    fixture = REPO / "tests/fixtures/aime24.jsonl"
+    opd_train(
+        run, models_dir, "trainer.max_steps=2", "loss=topk_lsm", "loss.k=4", "rollout.top_p=0.9", "loss.outcome_weight=0.5",
+        "eval.benchmarks=[aime24]", f"eval.benchmark_paths.aime24={fixture}",
+    )  # fmt: skip
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
+    assert 0 <= rows[2]["eval/aime24/acc"] <= 1 and "eval/aime24/acc" not in rows[1]  # scored at eval steps
     for row in rows[1:]:
         assert STEP_KEYS <= row.keys()
         assert row["loss"] >= 0 and row["grad_norm"] > 0 and 0 <= row["overlap_ratio"] <= 1
@@ -63,16 +73,22 @@ def test_sampled_token_two_steps(tmp_path, models_dir):
         "trainer.mini_batches=2",
         "loss.mask_tokens=['<|endoftext|>']",
         "loss.mask_mode=all",
+        "loss.entropy_top_ratio=0.5",
+        "loss.agg=seq-mean-token-sum",
+        "loss.dual_clip=3",
+        "loss.log_ratio_clip=5",
+        "loss.outcome_weight=1.0",
         "logger=none",
     )
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert all(STEP_KEYS <= r.keys() for r in rows[1:])
+    assert all(STEP_KEYS <= r.keys() and 0 <= r["outcome_score"] <= 1 for r in rows[1:])
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, models_dir):
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_resume_matches_uninterrupted_run(precision, tmp_path, models_dir):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = ["logger=none", "trainer.save_every=2"]
+    common = ["logger=none", "trainer.save_every=2", f"trainer.precision={precision}"]
     opd_train(full, models_dir, "trainer.max_steps=4", *common)
     opd_train(part, models_dir, "trainer.max_steps=2", *common)
     opd_train(part, models_dir, "trainer.max_steps=4", "trainer.resume=true", *common)

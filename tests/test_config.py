@@ -78,6 +78,19 @@ def test_real_world_presets():
         ("task.question_regex='a.*'", "task.question_regex: needs a named group (?P<question>...)"),
         ("loss.tail_floor=0", "loss.tail_floor: must be in (0, 1), got 0.0"),
         (
+            "eval.benchmarks=[aime42]",
+            "eval.benchmarks: unknown benchmark 'aime42'; choose from: aime24, aime25, amc23, arith, dapo_math, math500",
+        ),
+        (
+            "eval.benchmarks=[aime24] eval.benchmark_paths.aime24=/no.jsonl",
+            "eval.benchmark_paths.aime24: file not found: /no.jsonl",
+        ),
+        (
+            "teacher.backend=vllm teacher.temperature=2",
+            "teacher.temperature: vLLM's prompt_logprobs are temperature-1 values; use teacher.backend=hf",
+        ),
+        ("loss.log_ratio_clip=0", "loss.log_ratio_clip: must be > 0 or null, got 0.0"),
+        (
             "loss.agg=seq-mean",
             "loss.agg: 'seq-mean' is not one of: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
             "seq-mean-token-sum-norm",

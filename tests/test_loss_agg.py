@@ -20,7 +20,7 @@ from opd_cli.rollout import HFRollout
 from opd_cli.teacher import HFTeacher, lm_head_weight
 from opd_cli.train import PhaseClock, token_inputs, update
 
-from .conftest import REPO
+from .conftest import REPO, perturbed_copy
 
 PROMPTS = ["Question: Ann has 12 pens and buys 30 more.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: 57 coins\nA:"]
 MAX_NEW = 12
@@ -42,10 +42,7 @@ class GradientRecorder(TorchTrainer):
 @pytest.fixture(scope="module")
 def setup(tiny_model, tiny_tokenizer):
     student = copy.deepcopy(tiny_model).double()
-    teacher = copy.deepcopy(student)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher = perturbed_copy(student)
     batch = HFRollout(student, tiny_tokenizer).generate(PROMPTS, 3, 1.0, 1.0, MAX_NEW, seed=5)
     loss_cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"k": 8})
     support = HFTeacher(teacher, 4, 1024).score(batch, loss_cfg.k)
@@ -109,3 +106,40 @@ def test_modes_weigh_tokens_differently():
     torch.testing.assert_close(got["seq-mean-token-mean"][0], torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0, 1.0]))
     assert got["seq-mean-token-mean"][1] == got["seq-mean-token-sum"][1] == 2
     torch.testing.assert_close(got["seq-mean-token-sum-norm"][0], weight / 8)
+
+
+def test_token_inputs_clip_the_reward_and_leave_out_long_responses(tiny_model, tiny_tokenizer):
+    """The sampled-token reward log q - log pi_old clamped (paper A's clip_log_ratio); responses longer
+    than loss.max_response_tokens get weight 0 (paper C's opd_distill_max_response_len)."""
+    batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS, 2, 1.0, 1.0, MAX_NEW, seed=1)
+    batch.response_mask[0, batch.prompt_len + 5 :] = False  # a shorter response, as if it ended there
+    base = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"k": 4})
+    teacher = perturbed_copy(tiny_model)
+    support = HFTeacher(teacher, 4, 1024).score(batch, 4)
+    plain, offsets = token_inputs(batch, support, [], base)
+    lengths = offsets.diff()
+    assert lengths.min() < lengths.max()  # responses of different lengths
+    limit = int(lengths.max()) - 1
+    x, _ = token_inputs(
+        batch, support, [], OmegaConf.merge(base, {"log_ratio_clip": 0.01, "max_response_tokens": limit})
+    )
+    torch.testing.assert_close(x.advantage, (plain.advantage.clamp(-0.01, 0.01) * x.weight))
+    assert plain.advantage.abs().max() > 0.01
+    for r, n in enumerate(lengths.tolist()):
+        assert x.weight[offsets[r] : offsets[r + 1]].eq(0 if n > limit else 1).all()
+
+
+def test_token_inputs_add_the_outcome_advantage(setup):
+    """Paper B adds the outcome's group advantage to every token's sampled-token advantage; a divergence
+    reads it from outcome_advantage and keeps its own advantage."""
+    _, batch, _, _, _ = setup
+    support = HFTeacher(perturbed_copy(setup[0]), 4, 1024).score(batch, 8)
+    outcome = torch.arange(batch.input_ids.shape[0], dtype=torch.float64)
+    for objective in ("sampled_token", "support_divergence"):
+        cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"objective": objective})
+        plain, offsets = token_inputs(batch, support, [], cfg)
+        x, _ = token_inputs(batch, support, [], cfg, outcome)
+        per_token = torch.repeat_interleave(outcome, offsets.diff())
+        torch.testing.assert_close(x.outcome_advantage, per_token.to(x.outcome_advantage.dtype))
+        added = per_token if objective == "sampled_token" else 0 * per_token
+        torch.testing.assert_close(x.advantage, plain.advantage + added.to(plain.advantage.dtype))

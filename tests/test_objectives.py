@@ -7,6 +7,7 @@ the LM head.
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from opd_cli.objectives import (
     TokenInputs,
     discounted_returns,
     gather_logits,
+    group_advantage,
     make_objective,
     ppo_token_loss,
     repetition_counts,
@@ -112,7 +114,9 @@ def ref_token_loss(logits, t_logp, x, n, cfg):
         raw = {"student_p": lambda v: lp[v].detach().exp(), "teacher_p": lambda v: lq[v].exp(), "none": lambda v: 1}
         w = {v: raw[cfg.pg_weight](v) for v in support}
         z = sum(w.values()) if cfg.renormalize else 1
-        return -sum(w[v] / z * (lq[v] - lp[v].detach()) * (lp[v] - lp[v].detach()).exp() for v in support)
+        c = cfg.log_ratio_clip if cfg.log_ratio_clip is not None else math.inf
+        gap = {v: torch.clamp(lq[v] - lp[v].detach(), -c, c) for v in support}
+        return -sum(w[v] / z * gap[v] * (lp[v] - lp[v].detach()).exp() for v in support)
     if cfg.renormalize:
         zp = torch.logsumexp(torch.stack([lp[v] for v in support]), 0)
         zq = torch.logsumexp(torch.stack([lq[v] for v in support]), 0)
@@ -127,12 +131,17 @@ def ref_token_loss(logits, t_logp, x, n, cfg):
             m = b * lq[v].exp() + (1 - b) * lp[v].exp()
             total = total + b * lq[v].exp() * (lq[v] - m.log()) + (1 - b) * lp[v].exp() * (lp[v] - m.log())
         return total
+    c = cfg.log_ratio_clip if cfg.log_ratio_clip is not None else math.inf  # paper A's clip_log_ratio
+
+    def clamp(d):
+        return torch.clamp(d, -c, c)
+
     if cfg.stop_grad == "log_ratio":
-        loss = sum(lp[v].exp() * (lp[v] - lq[v]).detach() for v in support)
+        loss = sum(lp[v].exp() * clamp(lp[v] - lq[v]).detach() for v in support)
     elif cfg.stop_grad == "student_log":
-        loss = sum(lp[v].exp() * (lp[v].detach() - lq[v]) for v in support)
+        loss = sum(lp[v].exp() * clamp(lp[v].detach() - lq[v]) for v in support)
     else:
-        loss = sum(lp[v].exp() * (lp[v] - lq[v]) for v in support)
+        loss = sum(lp[v].exp() * clamp(lp[v] - lq[v]) for v in support)
     if cfg.tail and len(support) < V:
         # paper C floors both tails at 1e-8 (the filled teacher values can sum past 1)
         p_tail = torch.clamp(1 - sum(lp[v].exp() for v in support), min=cfg.tail_floor)
@@ -352,6 +361,15 @@ def test_diagnostics_match_reference():
     assert got["overlap_mass_student"] == pytest.approx(mean(rows["mass_p"], mass_w), rel=1e-9)
     assert got["overlap_mass_teacher"] == pytest.approx(mean(rows["mass_q"], mass_w), rel=1e-9)
     assert got["overlap_adv"] == pytest.approx(mean(adv, adv_w), rel=1e-9)
+    # paper C's mismatch metrics: per-sequence token means (sequences of 5 tokens: positions 0..4), then
+    # the mean over sequences
+    seqs = [list(range(s, min(s + 5, N))) for s in range(0, N, 5)]
+    x.seq_tokens = torch.cat([wt[sq].sum().repeat(len(sq)) for sq in seqs])
+    _, sums = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=k)), 4, bucket_tokens=2)
+    d = logp.gather(-1, x.target[:, None])[:, 0] - x.old_logprob
+    for metric, values in (("train_rollout_logprob_abs_diff", d.abs()), ("train_rollout_k3_kl", d.exp() - d - 1)):
+        per_seq = [float((values[sq] * wt[sq]).sum() / wt[sq].sum()) for sq in seqs if wt[sq].sum() > 0]
+        assert sums.means()[metric] == pytest.approx(sum(per_seq) / len(per_seq), rel=1e-9), metric
     for b in range(3):  # positions 0..4 in buckets of 2 tokens
         sel = [(x.position[n] // 2) == b for n in range(N)]
         for key, metric in (("gap", "logprob_gap"), ("ratio", "overlap_ratio")):
@@ -435,3 +453,46 @@ def test_tail_floor_is_reached_on_a_peaked_teacher():
         f: make_objective(OmegaConf.merge(base, {"tail_floor": f}), tw).token_loss(h, w, x)[0] for f in (1e-8, 1e-30)
     }
     assert not torch.allclose(losses[1e-8], losses[1e-30])
+
+
+@pytest.mark.parametrize(
+    "name", ["topk_lsm", "full_rkl", "topk_notail_sg", "topk_intersect_sg_norm", "student_topk_pg"]
+)
+def test_log_ratio_clip_matches_reference(name):
+    """Paper A's clip_log_ratio (c = 5 there; 0.5 here so that the clamp binds on random inputs)."""
+    loss = check_preset(name, 5, cfg_overrides={"log_ratio_clip": 0.5})
+    assert not torch.allclose(loss, check_preset(name, 5))
+
+
+def test_group_advantage_by_hand():
+    """verl's GRPO outcome advantage: (s - group mean) / (unbiased group std + 1e-6); a lone response keeps s."""
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    got = group_advantage(scores, group)
+    std0 = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    want = [(2 / 3) / (std0 + 1e-6), -(1 / 3) / (std0 + 1e-6), -(1 / 3) / (std0 + 1e-6), 0, 0, 0, 0.0]
+    torch.testing.assert_close(got, torch.tensor(want))
+
+
+@pytest.mark.parametrize("name", ["topk_lsm", "full_rkl", "topk_notail_sg"])
+def test_outcome_weight_adds_a_ppo_term_to_a_divergence(name):
+    """loss.outcome_weight: the divergence plus verl's PPO loss on the sampled token with the outcome advantage."""
+    cfg = preset(name, k=5, outcome_weight=1.0)
+    h, w, tw, x, t_logp = make_inputs(5, seed=6)
+    x.outcome_advantage = torch.randn(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    obj = make_objective(cfg, tw)
+    got, gh, gw = grads(lambda h, w: student_loss_and_metrics(h, w, x, obj, 4)[0], h, w)
+    pg_cfg, x_pg = preset("sampled_token"), replace(x, advantage=x.outcome_advantage)
+
+    def reference(h, w):
+        logits = h @ w.T
+        return sum(
+            x.weight[n]
+            * (ref_token_loss(logits[n], t_logp, x, n, cfg) + ref_token_loss(logits[n], t_logp, x_pg, n, pg_cfg))
+            for n in range(N)
+        )
+
+    want, rh, rw = grads(reference, h, w)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-9)

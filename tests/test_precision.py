@@ -21,7 +21,7 @@ from opd_cli.rollout import HFRollout
 from opd_cli.teacher import HFTeacher
 from opd_cli.train import token_inputs
 
-from .conftest import REPO, compose_cfg
+from .conftest import REPO, compose_cfg, perturbed_copy
 
 PROMPTS = ["Question: Ann has 12 pens and buys 30 more.\nAnswer:", "Question: 3+4?\nAnswer:"]
 TCFG = SimpleNamespace(
@@ -39,10 +39,7 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def data(tiny_model, tiny_tokenizer):
     """One rollout batch of the student and the teacher's scores of it (a perturbed copy of the student)."""
-    teacher = copy.deepcopy(tiny_model)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    teacher = perturbed_copy(tiny_model)
     batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS, 4, 1.0, 1.0, 16, seed=3)
     loss_cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"k": 8})
     support = HFTeacher(teacher, 8, 1024).score(batch, loss_cfg.k)

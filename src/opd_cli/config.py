@@ -40,6 +40,7 @@ class TeacherConfig:
     gpu_memory_utilization: float = 0.3
     url: str | None = None
     sleep: bool | None = None
+    temperature: float = 1.0
 
 
 @dataclass
@@ -57,7 +58,10 @@ class LossConfig:
     teacher_values: str = "exact"
     pg_weight: str = "student_p"
     tail_floor: float = 1e-8
+    log_ratio_clip: float | None = None
     max_response_tokens: int | None = None
+    entropy_top_ratio: float | None = None
+    outcome_weight: float = 0.0
     gamma: float = 0.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -141,6 +145,12 @@ class EvalConfig:
 
 
 @dataclass
+class TrainEvalConfig(EvalConfig):
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_paths: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
 class LoggerConfig:
     backend: str = "wandb"
     mode: str = "offline"
@@ -176,7 +186,7 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -293,6 +303,8 @@ def check_divergence(loss: Any) -> None:
     """Combinations of the divergence knobs that have no meaning."""
     if not 0 <= loss.beta <= 1:
         raise UserError(f"loss.beta: must be in [0, 1], got {loss.beta}")
+    if loss.log_ratio_clip is not None and loss.log_ratio_clip <= 0:
+        raise UserError(f"loss.log_ratio_clip: must be > 0 or null, got {loss.log_ratio_clip}")
     if loss.objective != "support_divergence":
         return
     if loss.tail and (loss.renormalize or loss.support not in ("teacher", "student")):
@@ -301,6 +313,8 @@ def check_divergence(loss: Any) -> None:
         raise UserError("loss.tail: a tail bucket needs loss.direction=reverse and loss.form=direct")
     if loss.stop_grad != "none" and (loss.direction != "reverse" or loss.form != "direct"):
         raise UserError("loss.stop_grad: stop-gradient variants need loss.direction=reverse and loss.form=direct")
+    if loss.log_ratio_clip is not None and loss.direction != "reverse":
+        raise UserError("loss.log_ratio_clip: clamps the reverse KL's log-ratio; set loss.direction=reverse")
     if loss.form == "pg" and loss.direction != "reverse":
         raise UserError("loss.form: the policy-gradient form is a reverse KL; set loss.direction=reverse")
     if loss.support == "full" and loss.teacher_values != "exact":
@@ -400,7 +414,13 @@ def validate(cfg: Any) -> None:
     for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization", "teacher.gpu_memory_utilization"):
         if not 0 < _get(cfg, key) <= 1:
             raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
-    for key in ("rollout.temperature", "eval.temperature", "trainer.lr", "trainer.max_grad_norm"):
+    for key in (
+        "rollout.temperature",
+        "eval.temperature",
+        "teacher.temperature",
+        "trainer.lr",
+        "trainer.max_grad_norm",
+    ):
         if not _get(cfg, key) > 0:
             raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
     if not 0 <= cfg.loss.gamma <= 1:
@@ -408,6 +428,12 @@ def validate(cfg: Any) -> None:
     for key in ("loss.clip_ratio_low", "loss.clip_ratio_high"):
         if not 0 <= _get(cfg, key) < 1:
             raise UserError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.loss.entropy_top_ratio is not None and not 0 < cfg.loss.entropy_top_ratio <= 1:
+        raise UserError(f"loss.entropy_top_ratio: must be in (0, 1] or null, got {cfg.loss.entropy_top_ratio}")
+    if cfg.loss.entropy_top_ratio is not None and cfg.rollout.engine != "hf":
+        raise UserError("loss.entropy_top_ratio: needs the sampler's entropies, which rollout.engine=hf records")
+    if cfg.loss.outcome_weight < 0:
+        raise UserError(f"loss.outcome_weight: must be >= 0, got {cfg.loss.outcome_weight}")
     if not 0 < cfg.loss.tail_floor < 1:
         raise UserError(f"loss.tail_floor: must be in (0, 1), got {cfg.loss.tail_floor}")
     if cfg.loss.max_response_tokens is not None and cfg.loss.max_response_tokens < 1:
@@ -423,6 +449,8 @@ def validate(cfg: Any) -> None:
         raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")
     if cfg.teacher.url is not None and not cfg.teacher.url.startswith(("http://", "https://")):
         raise UserError(f"teacher.url: must start with http:// or https://, got {cfg.teacher.url}")
+    if cfg.teacher.temperature != 1 and cfg.teacher.backend != "hf":
+        raise UserError("teacher.temperature: vLLM's prompt_logprobs are temperature-1 values; use teacher.backend=hf")
     if cfg.teacher.shard and cfg.teacher.backend != "hf":
         raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
@@ -441,6 +469,11 @@ def validate(cfg: Any) -> None:
     if "{question}" not in cfg.task.template:
         raise UserError("task.template: must contain '{question}'")
     check_question_regex(cfg.task.question_regex)
+    if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
+        from opd_cli.tasks import task_config
+
+        for name in cfg.eval.benchmarks:
+            task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", f"eval.benchmark_paths.{name}")
     for key in ("model.name_or_path", "teacher.name_or_path"):
         value = _get(cfg, key)
         if value.startswith("demo:"):

@@ -12,28 +12,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from opd_cli.cli import CONF_DIR, fail, run_app
-from opd_cli.config import TaskConfig
 from opd_cli.errors import UserError
-
-TASK_DIR = Path(CONF_DIR) / "task"
-
-
-def task_config(name: str, path: str | None) -> DictConfig:
-    """A task preset from ``conf/task/`` (over its ``_base.yaml``), with a local file if given."""
-    presets = sorted(p.stem for p in TASK_DIR.glob("*.yaml") if not p.stem.startswith("_"))
-    if name not in presets:
-        raise UserError(f"tasks: unknown benchmark '{name}'; choose from: {', '.join(presets)}")
-    own = OmegaConf.load(TASK_DIR / f"{name}.yaml")
-    own.pop("defaults", None)
-    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(TASK_DIR / "_base.yaml"), own)
-    if path:
-        if not Path(path).exists():
-            raise UserError(f"task_paths.{name}: file not found: {path}")
-        cfg.path = path
-    return cfg
 
 
 def check(cfg) -> None:
@@ -60,12 +42,13 @@ def run(cfg, out_dir: Path) -> dict:
     from opd_cli.models import load_model, load_tokenizer, resolve_path
     from opd_cli.rollout import HFRollout
     from opd_cli.scores import avg_at_k, mean_pass_at_k
-    from opd_cli.tasks import format_prompt, load_problems, make_checker
+    from opd_cli.tasks import format_prompt, load_problems, make_checker, task_config
     from opd_cli.train import pick_device, sample_correctness
 
     check(cfg)
     torch.manual_seed(cfg.seed)
-    tasks = {name: task_config(name, cfg.task_paths.get(name)) for name in cfg.tasks}  # bad names fail first
+    # bad names fail first
+    tasks = {name: task_config(name, cfg.task_paths.get(name), "tasks", f"task_paths.{name}") for name in cfg.tasks}
     path = resolve_path(cfg.model.name_or_path, cfg)
     tok = load_tokenizer(path, "model.name_or_path", cfg.model.trust_remote_code)
     benchmarks = {}

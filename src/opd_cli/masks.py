@@ -30,18 +30,29 @@ def special_token_keep(
 
 
 def mask_token_ids(tokenizer, tokens: list[str]) -> list[int]:
-    """Ids of the ``loss.mask_tokens`` strings; each must be one token of the vocabulary."""
+    """Ids of the ``loss.mask_tokens`` strings, each id once.
+
+    A string that is not one token of the vocabulary contributes every token it encodes
+    to, each masked on its own (paper A's ``_init_opd_mask_tokens``); one that encodes to
+    nothing is refused.
+    """
     vocab = tokenizer.get_vocab()
-    ids = []
+    ids: list[int] = []
     for tok in tokens:
-        if tok in vocab:
-            ids.append(vocab[tok])
-            continue
-        enc = tokenizer(tok, add_special_tokens=False)["input_ids"]
-        if len(enc) != 1:
-            raise UserError(
-                f"loss.mask_tokens: '{tok}' is not a single token of the student's tokenizer "
-                f"(it encodes to {len(enc)} tokens)"
-            )
-        ids.append(enc[0])
+        enc = [vocab[tok]] if tok in vocab else tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if not enc:
+            raise UserError(f"loss.mask_tokens: '{tok}' encodes to no token of the student's tokenizer")
+        ids += [i for i in enc if i not in ids]
     return ids
+
+
+def entropy_top_keep(entropy: torch.Tensor, response_mask: torch.Tensor, ratio: float) -> torch.Tensor:
+    """[B, L] bool: in each response, the ``ratio`` share of its tokens with the highest entropy.
+
+    Paper A's ``_compute_entropy_top_mask``, per sequence: keep ``max(1, floor(n * ratio))`` of
+    its ``n`` response tokens, every token tied at the threshold included.
+    """
+    n_keep = (response_mask.sum(-1) * ratio).long().clamp(min=1)
+    ranked = entropy.masked_fill(~response_mask, float("-inf")).sort(-1, descending=True).values
+    threshold = ranked.gather(-1, (n_keep - 1)[:, None])
+    return (entropy >= threshold) & response_mask

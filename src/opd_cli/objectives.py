@@ -19,7 +19,7 @@ with knobs (support, renormalize, tail bucket, stop-gradient, direction, form);
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -98,6 +98,21 @@ def aggregation_weights(
     if mode == "seq-mean-token-sum-norm":
         return weight / norm_tokens, sequences
     raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+def group_advantage(scores: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO's outcome advantage ``[B]``: each score minus its group's mean, over the group's std + eps.
+
+    ``group [B]`` says which prompt each response answers. As verl's
+    ``compute_grpo_outcome_advantage``: the std is unbiased, and a group of one response keeps
+    its raw score (mean 0, std 1).
+    """
+    out = torch.empty_like(scores)
+    for g in group.unique():
+        s = scores[group == g]
+        mean, std = (s.mean(), s.std()) if s.numel() > 1 else (s.new_zeros(()), s.new_ones(()))
+        out[group == g] = (s - mean) / (std + eps)
+    return out
 
 
 def ppo_token_loss(
@@ -250,6 +265,7 @@ class DivergenceSpec:
     teacher_values: str = "exact"  # exact: teacher log-probs at any id | topk_fill: paper C's fill
     pg_weight: str = "student_p"  # pg form: candidate weights student_p | teacher_p | none (paper B)
     tail_floor: float = 1e-8  # tail bucket: floor of both tail masses (paper C: 1e-8)
+    log_ratio_clip: float | None = None  # clamp log p - log q to [-c, c] (paper A's clip_log_ratio: 5)
 
 
 def support_loss(
@@ -274,7 +290,8 @@ def support_loss(
         # paper B's code: A(v) = w(v) (log q(v) - log p(v)) on full-vocabulary log-probs, w from
         # spec.pg_weight (renormalized on the support or raw); loss -sum_v A(v) rho(v), rho = p / sg(p):
         # its value is -sum_v A(v) (as B logs it), its gradient -sum_v A(v) grad log p(v)
-        adv = (pg_weights(lp.detach(), lq, valid, spec) * (lq - lp.detach())).masked_fill(~valid, 0)
+        gap = clip_log_ratio(lq - lp.detach(), spec.log_ratio_clip)
+        adv = (pg_weights(lp.detach(), lq, valid, spec) * gap).masked_fill(~valid, 0)
         return -(adv * torch.exp(lp - lp.detach())).masked_fill(~valid, 0).sum(-1)
     if valid is not None and spec.renormalize:
         lp, lq = log_renormalize(lp, valid), log_renormalize(lq, valid)
@@ -287,7 +304,7 @@ def support_loss(
         lm = torch.logaddexp(lq + math.log(b), lp + math.log(1 - b))  # m = beta q + (1 - beta) p
         terms = b * lq.exp() * (lq - lm) + (1 - b) * lp.exp() * (lp - lm)
     else:
-        terms = reverse_terms(lp, lq, spec.stop_grad)
+        terms = reverse_terms(lp, lq, spec.stop_grad, spec.log_ratio_clip)
     loss = (terms if valid is None else terms.masked_fill(~valid, 0)).sum(-1)
     if tail is not None:
         lp_tail, lq_tail = tail
@@ -308,13 +325,19 @@ def pg_weights(lp: torch.Tensor, lq: torch.Tensor, valid: torch.Tensor, spec: Di
     return logw.exp().masked_fill(~valid, 0)
 
 
-def reverse_terms(lp: torch.Tensor, lq: torch.Tensor, stop_grad: str) -> torch.Tensor:
-    """``p (log p - log q)`` per slot, with the stop-gradient variants of ``DivergenceSpec.stop_grad``."""
+def clip_log_ratio(d: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """``d`` clamped to ``[-bound, bound]`` (paper A's ``clip_log_ratio``: 5); unchanged for None."""
+    return d if bound is None else d.clamp(-bound, bound)
+
+
+def reverse_terms(lp: torch.Tensor, lq: torch.Tensor, stop_grad: str, bound: float | None = None) -> torch.Tensor:
+    """``p (log p - log q)`` per slot, with the stop-gradient variants of ``DivergenceSpec.stop_grad``
+    and the log-ratio clamped to ``[-bound, bound]``."""
     if stop_grad == "log_ratio":
-        return lp.exp() * (lp - lq).detach()
+        return lp.exp() * clip_log_ratio(lp - lq, bound).detach()
     if stop_grad == "student_log":
-        return lp.exp() * (lp.detach() - lq)
-    return lp.exp() * (lp - lq)
+        return lp.exp() * clip_log_ratio(lp.detach() - lq, bound)
+    return lp.exp() * clip_log_ratio(lp - lq, bound)
 
 
 def log_tail(logp_full: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -350,6 +373,10 @@ class TokenInputs:
     teacher_topk_logprobs: torch.Tensor  # [N, K] float, full-vocabulary normalized
     teacher_entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
     teacher_hidden: torch.Tensor | None = None  # [N, d_t], when the objective needs the full q_t
+    # [N] float, supervised tokens of each token's sequence (per-sequence means of diagnostics); None: 1
+    seq_tokens: torch.Tensor | None = None
+    # [N] float, the weighted group advantage of the response's verifiable outcome (loss.outcome_weight)
+    outcome_advantage: torch.Tensor | None = None
     # [N] float, each token's coefficient in its mini-batch's loss (loss.agg); None: ``weight``
     loss_weight: torch.Tensor | None = None
 
@@ -474,18 +501,44 @@ class SupportDivergence(Objective):
         return no_clip(support_loss(lp, lq.to(lp.dtype), valid, spec, tail))
 
 
+class WithOutcome(Objective):
+    """A divergence plus a PPO term on the sampled token whose advantage is ``x.outcome_advantage``
+    (a verifiable outcome reward's group advantage, ``loss.outcome_weight``).
+
+    It reads the sampled token's full-vocabulary log-prob, so it runs chunked like the
+    full-vocabulary objectives, whatever the divergence.
+    """
+
+    chunked = True
+
+    def __init__(self, base: Objective, outcome: PolicyGradient) -> None:
+        self.base, self.outcome = base, outcome
+        self.name, self.teacher_needs = base.name, base.teacher_needs
+
+    def token_loss(self, hidden, weight, x):
+        loss, flags = self.base.token_loss(hidden, weight, x)
+        extra, _ = self.outcome.token_loss(hidden, weight, replace(x, advantage=x.outcome_advantage))
+        return loss + extra, flags
+
+
 def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
-    """The objective a ``loss`` config describes (``teacher_head``: for objectives needing the full q)."""
+    """The objective a ``loss`` config describes (``teacher_head``: for objectives needing the full q).
+
+    With ``loss.outcome_weight`` a sampled-token objective finds the outcome advantage already
+    in ``x.advantage`` (paper B adds the two); a divergence gets a PPO term of its own (``WithOutcome``).
+    """
+    pg = PolicyGradient(
+        name=loss_cfg.name,
+        clip=loss_cfg.objective != "sampled_token_is",
+        clip_low=loss_cfg.clip_ratio_low,
+        clip_high=loss_cfg.clip_ratio_high,
+        dual_clip=loss_cfg.dual_clip,
+    )
     if loss_cfg.objective in ("sampled_token", "sampled_token_is"):
-        return PolicyGradient(
-            name=loss_cfg.name,
-            clip=loss_cfg.objective == "sampled_token",
-            clip_low=loss_cfg.clip_ratio_low,
-            clip_high=loss_cfg.clip_ratio_high,
-            dual_clip=loss_cfg.dual_clip,
-        )
+        return pg
     spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
-    return SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
+    divergence = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
+    return WithOutcome(divergence, pg) if loss_cfg.outcome_weight else divergence
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -582,6 +635,12 @@ def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bu
     m.add("overlap_adv", adv / n_overlap.clamp_min(1), w * n_overlap)
     m.add("entropy_gap", (x.teacher_entropy.to(logp.dtype) - entropy).abs(), w)
     m.add("teacher_rank", teacher_rank(t_ids, x.target).to(logp.dtype), w)
+    # paper C's train/rollout mismatch: the sampler's log-probs against this pass's (before the first
+    # update of the step), a token mean per sequence, then the mean over sequences (slime's sum_of_sample_mean)
+    per_seq = w if x.seq_tokens is None else w / x.seq_tokens.clamp_min(1)
+    d = logp_y - x.old_logprob.to(logp.dtype)
+    m.add("train_rollout_logprob_abs_diff", d.abs(), per_seq)
+    m.add("train_rollout_k3_kl", d.exp() - d - 1, per_seq)
     bucket = x.position // bucket_tokens
     for b in bucket.unique().tolist():
         in_b = (bucket == b).to(w.dtype)

@@ -35,6 +35,8 @@ class RolloutBatch:
     truncated: torch.Tensor  # [B] bool, response hit max_new_tokens without EOS
     prompt_index: torch.Tensor  # [B] long, which prompt of the request each sequence answers
     prompt_len: int  # P
+    # [B, L] float, the sampler's temperature-1 entropy at each response token (0 elsewhere), when recorded
+    entropy: torch.Tensor | None = None
 
     @property
     def position_ids(self) -> torch.Tensor:
@@ -53,6 +55,7 @@ class RolloutBatch:
             self.truncated[rows],
             self.prompt_index[rows],
             self.prompt_len - lo,
+            None if self.entropy is None else self.entropy[rows, cols],
         )
 
     def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,15 +104,18 @@ def build_batch(
     eos_id: int,
     n_prompts: int,
     n: int,
+    entropy: torch.Tensor | None = None,
 ) -> RolloutBatch:
     """A ``RolloutBatch`` from left-padded prompts ``[B, P]`` and right-padded responses ``[B, T]``.
 
-    ``logps`` holds the sampler's log-prob of each response token; anything after a
-    row's first EOS is padding.
+    ``logps`` (and ``entropy``, if recorded) hold the sampler's log-prob of each response
+    token (its distribution's entropy); anything after a row's first EOS is padding.
     """
     resp_mask, truncated = response_mask_from(response, eos_id)
     B, P = ids.shape
     zeros = torch.zeros((B, P), dtype=torch.bool)
+    if entropy is not None:
+        entropy = torch.cat([zeros.float(), entropy * resp_mask], dim=1)
     return RolloutBatch(
         input_ids=torch.cat([ids, response], dim=1),
         attention_mask=torch.cat([attn, resp_mask.long()], dim=1),
@@ -118,6 +124,7 @@ def build_batch(
         truncated=truncated,
         prompt_index=torch.arange(n_prompts).repeat_interleave(n),
         prompt_len=P,
+        entropy=entropy,
     )
 
 
@@ -188,8 +195,11 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 @torch.no_grad()
-def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, synced=False):
-    """``n`` responses per left-padded prompt, ``[B * n, T]`` ids and their log-probs.
+def sample_responses(
+    model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, synced=False, entropy=False
+):
+    """``n`` responses per left-padded prompt, ``[B * n, T]`` ids, their log-probs, and (``entropy``) the
+    entropy of each step's temperature-1 distribution (else None).
 
     The prompts are prefilled once and their keys and values repeated ``n`` times
     (``opd_cli.decoding``: a preallocated buffer per layer). Rows that
@@ -208,13 +218,17 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
     logits, pos = logits.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
     tokens = torch.full((rows.shape[0], max_new_tokens), pad, dtype=torch.long, device=device)
     logps = torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+    ents = torch.zeros(tokens.shape, dtype=torch.float32, device=device) if entropy else None
     live = torch.ones_like(rows, dtype=torch.bool)
     for t in range(max_new_tokens):
         tok = sample_top_p(logits, temperature, top_p, generator)
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).squeeze(-1)
+        logp_all = torch.log_softmax(logits.float(), -1)
+        lp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
         # finished rows still in the batch write what their slots already hold (pad, 0)
         tokens[rows, t] = tok.where(live, pad)
         logps[rows, t] = lp.where(live, 0.0)
+        if entropy:
+            ents[rows, t] = -(logp_all.exp() * logp_all).sum(-1).where(live, 0.0)
         live &= tok != eos
         n_live = int(live.sum())
         if t == max_new_tokens - 1 or not (all_reduce([float(n_live)], op="max")[0] if synced else n_live):
@@ -226,17 +240,19 @@ def sample_responses(model, ids, attn, n, temperature, top_p, max_new_tokens, eo
             rows, live, tok, pos = rows[keep], live[keep], tok[keep], pos[keep]
         pos = pos + 1
         logits = decoder.step(tok, pos)
-    return tokens[:, : t + 1], logps[:, : t + 1]
+    return tokens[:, : t + 1], logps[:, : t + 1], None if ents is None else ents[:, : t + 1]
 
 
 class HFRollout:
     """Sampling from the live transformers model with ``sample_responses`` (our decoding loop)."""
 
-    def __init__(self, model, tokenizer, synced: bool = False) -> None:
+    def __init__(self, model, tokenizer, synced: bool = False, entropy: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         # ZeRO-3: every rank keeps running forward passes until all ranks are done (HF's synced_gpus)
         self.synced = synced
+        # record each response token's sampler entropy (loss.entropy_top_ratio)
+        self.entropy = entropy
 
     @torch.no_grad()
     def generate(
@@ -257,13 +273,14 @@ class HFRollout:
         # inference mode skips autograd's bookkeeping (~5 % of a demo rollout); not under ZeRO-3,
         # whose parameter gathering must not create inference tensors
         with torch.inference_mode(not self.synced):
-            response, logps = sample_responses(
+            response, logps, ents = sample_responses(
                 self.model, ids.to(device), attn.to(device), n, temperature, top_p, max_new_tokens,
-                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.synced,
+                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.synced, self.entropy,
             )  # fmt: skip
         self.model.train(was_training)
         ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
-        return build_batch(ids, attn, response.cpu(), logps.cpu(), self.tokenizer.eos_token_id, len(prompts), n)
+        ents = None if ents is None else ents.cpu()
+        return build_batch(ids, attn, response.cpu(), logps.cpu(), self.tokenizer.eos_token_id, len(prompts), n, ents)
 
     def decode_responses(self, batch: RolloutBatch) -> list[str]:
         return decode_responses(self.tokenizer, batch)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from opd_cli.errors import UserError
 
+TASK_DIR = Path(__file__).resolve().parents[2] / "conf" / "task"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -243,3 +245,25 @@ def format_prompt(problem: Problem, task_cfg, tokenizer) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
     )
+
+
+def task_config(name: str, path: str | None, key: str, path_key: str):
+    """A task preset from ``conf/task/`` (over its ``_base.yaml``), with a local file if given.
+
+    ``key`` and ``path_key`` name the config keys that chose them, for the error messages.
+    """
+    from omegaconf import OmegaConf
+
+    from opd_cli.config import TaskConfig
+
+    presets = sorted(p.stem for p in TASK_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    if name not in presets:
+        raise UserError(f"{key}: unknown benchmark '{name}'; choose from: {', '.join(presets)}")
+    own = OmegaConf.load(TASK_DIR / f"{name}.yaml")
+    own.pop("defaults", None)
+    cfg = OmegaConf.merge(OmegaConf.structured(TaskConfig), OmegaConf.load(TASK_DIR / "_base.yaml"), own)
+    if path:
+        if not Path(path).exists():
+            raise UserError(f"{path_key}: file not found: {path}")
+        cfg.path = path
+    return cfg

@@ -42,16 +42,22 @@ def lm_head_weight(model) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
+def scaled_head(weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The head whose logits are the teacher's divided by ``temperature`` (``teacher.temperature``)."""
+    return weight if temperature == 1 else weight / temperature
+
+
 class TeacherScorer(torch.nn.Module):
     """One micro-batch of teacher scoring as a module forward (so ZeRO-3 can gather the head it reads)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
+        self.temperature = temperature
 
     def forward(self, micro: RolloutBatch, k: int, chunk_tokens: int, keep_hidden: bool):
         h, y = response_hidden(self.model, micro)
-        weight = lm_head_weight(self.model)
+        weight = scaled_head(lm_head_weight(self.model), self.temperature)
         ids, lps, sampled, entropy = [], [], [], []
         for s, e in chunk_bounds(h.shape[0], chunk_tokens):
             logp = full_logprobs(h[s:e], weight)
@@ -67,6 +73,9 @@ class TeacherScorer(torch.nn.Module):
 class HFTeacher:
     """The teacher as an in-process transformers model, scored without gradient.
 
+    ``temperature`` divides the teacher's logits before everything it supplies (top-K,
+    sampled-token log-probs, entropy, the full ``q``): paper B's ``teacher_temperature``.
+
     ``shard=True`` (DeepSpeed engine only) partitions its parameters across ranks with
     ZeRO-3 inference instead of keeping a full copy on every rank. Its head is then not
     available outside the scoring pass, so it supplies top-K and sampled log-probs only.
@@ -74,12 +83,15 @@ class HFTeacher:
 
     supplies = frozenset({"sampled_logprob", "topk", "full"})  # unsharded; see __init__
 
-    def __init__(self, model, micro_batch_size: int, chunk_tokens: int, shard: bool = False) -> None:
+    def __init__(
+        self, model, micro_batch_size: int, chunk_tokens: int, shard: bool = False, temperature: float = 1.0
+    ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.micro_batch_size = micro_batch_size
         self.chunk_tokens = chunk_tokens
+        self.temperature = temperature
         self.vocab_size = lm_head_weight(model).shape[0]
-        self.scorer = TeacherScorer(self.model)
+        self.scorer = TeacherScorer(self.model, temperature)
         self.synced_generation = shard
         if shard:
             import deepspeed
@@ -92,8 +104,8 @@ class HFTeacher:
 
     @property
     def head(self) -> torch.Tensor:
-        """The LM head objectives use with ``TeacherSupport.hidden`` for the full ``q_t``."""
-        return lm_head_weight(self.model)
+        """The LM head objectives use with ``TeacherSupport.hidden`` for the full ``q_t`` (temperature applied)."""
+        return scaled_head(lm_head_weight(self.model), self.temperature)
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:

@@ -36,37 +36,50 @@ from opd_cli.distributed import (
 from opd_cli.engines import make_trainer
 from opd_cli.errors import Stopped, UserError
 from opd_cli.logger import MetricsLogger, NullLogger
-from opd_cli.masks import mask_token_ids, special_token_keep
+from opd_cli.masks import entropy_top_keep, mask_token_ids, special_token_keep
 from opd_cli.models import check_same_vocabulary, load_model, load_tokenizer, resolve_path
 from opd_cli.objectives import (
     MetricSums,
     TokenInputs,
     aggregation_weights,
     chunk_bounds,
+    clip_log_ratio,
     discounted_returns,
+    group_advantage,
     make_objective,
     repetition_counts,
 )
 from opd_cli.rollout import HFRollout, RolloutBatch
 from opd_cli.scores import avg_at_k
-from opd_cli.tasks import Problem, format_prompt, load_problems, make_checker
+from opd_cli.tasks import Problem, format_prompt, load_problems, make_checker, task_config
 from opd_cli.teacher import HFTeacher, TeacherSupport, check_teacher_supplies, lm_head_weight
 
 log = logging.getLogger(__name__)
 
 
 def token_inputs(
-    batch: RolloutBatch, support: TeacherSupport, mask_ids: list[int], loss_cfg
+    batch: RolloutBatch, support: TeacherSupport, mask_ids: list[int], loss_cfg, outcome: torch.Tensor | None = None
 ) -> tuple[TokenInputs, torch.Tensor]:
-    """Flat per-token inputs of a batch, and row offsets into them ([B + 1])."""
+    """Flat per-token inputs of a batch, and row offsets into them ([B + 1]).
+
+    ``outcome [B]`` is each response's weighted outcome advantage (``loss.outcome_weight``): a
+    sampled-token objective gets it added to every token's advantage (paper B), a divergence
+    reads it from ``outcome_advantage``.
+    """
     rm = batch.response_mask
     keep = special_token_keep(batch.input_ids, rm, mask_ids, loss_cfg.mask_mode)
+    if loss_cfg.entropy_top_ratio is not None:  # paper A: only each response's highest-entropy tokens
+        keep &= entropy_top_keep(batch.entropy, rm, loss_cfg.entropy_top_ratio)
     if loss_cfg.max_response_tokens is not None:  # paper C leaves over-long responses out of the loss
         keep &= (rm.sum(1) <= loss_cfg.max_response_tokens)[:, None]
     keep = keep[rm].float()
     rewards = torch.zeros(rm.shape, dtype=support.sampled_logprob.dtype)
-    rewards[rm] = (support.sampled_logprob - batch.old_logprobs[rm]) * keep
+    log_ratio = clip_log_ratio(support.sampled_logprob - batch.old_logprobs[rm], loss_cfg.log_ratio_clip)
+    rewards[rm] = log_ratio * keep
     advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
+    per_token = None if outcome is None else outcome.to(advantage.dtype)[:, None].expand(rm.shape)[rm]
+    if per_token is not None and loss_cfg.objective != "support_divergence":
+        advantage = advantage + per_token
     x = TokenInputs(
         target=batch.input_ids[rm],
         weight=keep,
@@ -78,8 +91,10 @@ def token_inputs(
         teacher_topk_logprobs=support.topk_logprobs,
         teacher_entropy=support.entropy,
         teacher_hidden=support.hidden,
+        outcome_advantage=per_token,
     )
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), rm.sum(1).cumsum(0)])
+    x.seq_tokens = torch.repeat_interleave(torch.segment_reduce(keep, "sum", lengths=rm.sum(1)), rm.sum(1))
     return x, offsets
 
 
@@ -200,7 +215,13 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     clock.lap("rollout")
     support = p.teacher.score(batch, cfg.loss.k, keep_hidden="full" in p.objective.teacher_needs)
     clock.lap("teacher")
-    x, offsets = token_inputs(batch, support, p.mask_ids, cfg.loss)
+    scores = outcome = None
+    if cfg.loss.outcome_weight:  # the task's checker on every response: GRPO's group advantage
+        answers = [p.answers[prompts[int(i)]] for i in batch.prompt_index]
+        texts = p.rollout.decode_responses(batch)
+        scores = torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
+        outcome = cfg.loss.outcome_weight * group_advantage(scores, batch.prompt_index)
+    x, offsets = token_inputs(batch, support, p.mask_ids, cfg.loss, outcome)
     loss_total, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
     trainer.scheduler.step()
     p.rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
@@ -211,13 +232,16 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     rows = batch.input_ids.shape[0]
     keys = all_keys(list(sums.sums))
     local = [lengths.sum().item(), float(rows), batch.truncated.sum().item(), *repetition_counts(responses)]
+    local.append(0.0 if scores is None else scores.sum().item())
     total = all_reduce(local + [sums.sums.get(k, 0.0) for k in keys] + [sums.weights.get(k, 0.0) for k in keys])
-    n_tokens, n_rows, n_truncated, repeats, rep_tokens = total[:5]
+    n_tokens, n_rows, n_truncated, repeats, rep_tokens, score_sum = total[:6]
     job = MetricSums()
-    job.sums = dict(zip(keys, total[5 : 5 + len(keys)], strict=True))
-    job.weights = dict(zip(keys, total[5 + len(keys) :], strict=True))
+    job.sums = dict(zip(keys, total[6 : 6 + len(keys)], strict=True))
+    job.weights = dict(zip(keys, total[6 + len(keys) :], strict=True))
     length_max, peak_mem = all_reduce([lengths.max().item(), peak_memory_gb(device)], op="max")
     metrics = {"loss": loss_total, **job.means()}
+    if scores is not None:
+        metrics["outcome_score"] = score_sum / n_rows  # the share of this step's responses the checker accepts
     metrics.update(
         repetition=repeats / max(1.0, rep_tokens),
         grad_norm=sum(norms) / max(1, len(norms)),
@@ -299,7 +323,9 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code, cfg.trainer.cpu_linear
     )
     rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
-    teacher = HFTeacher(model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard)
+    teacher = HFTeacher(
+        model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard, cfg.teacher.temperature
+    )
     sampler = HFRollout(model, tokenizer, synced=teacher.synced_generation)
     return teacher, sampler, rows
 
@@ -314,7 +340,8 @@ def make_rollout(cfg, trainer, tokenizer, path: str, max_len: int):
         dtype = COMPUTE_DTYPE[student_precision(cfg)]
         llm = make_llm(path, dtype, max_len, 20, memory, cfg.trainer.seed, ranks, level > 0)
         return VLLMRollout(llm, tokenizer, EngineMemory(llm, level))
-    return HFRollout(trainer.model, tokenizer, synced=trainer.synced_generation)
+    entropy = cfg.loss.entropy_top_ratio is not None
+    return HFRollout(trainer.model, tokenizer, synced=trainer.synced_generation, entropy=entropy)
 
 
 def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
@@ -333,6 +360,7 @@ class Parts:
 
     tokenizer: object
     train_prompts: list[str]
+    answers: dict  # training prompt -> its gold answer (loss.outcome_weight)
     eval_prompts: list[str]
     teacher: object
     teacher_sampler: object
@@ -341,6 +369,24 @@ class Parts:
     checker: object
     trainer: object
     rollout: object
+    benchmarks: dict  # name -> (problems, prompts, checker), scored during training (eval.benchmarks)
+
+
+def load_benchmarks(cfg, tokenizer) -> dict:
+    """The ``eval.benchmarks`` tasks: problems, prompts, checker.
+
+    Prompts take the training task's template and chat template settings, so the policy is
+    scored under the prompt it is trained on (as the papers evaluate during training).
+    """
+    out = {}
+    for name in cfg.eval.benchmarks:
+        path = cfg.eval.benchmark_paths.get(name)
+        tcfg = task_config(name, path, "eval.benchmarks", f"eval.benchmark_paths.{name}")
+        for key in ("template", "chat_template", "chat_template_kwargs"):
+            tcfg[key] = cfg.task[key]
+        problems = load_problems(tcfg)[1][: cfg.eval.n_problems]
+        out[name] = (problems, [format_prompt(p, tcfg, tokenizer) for p in problems], make_checker(tcfg))
+    return out
 
 
 def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
@@ -355,8 +401,13 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         s_path, "model.name_or_path", PARAM_DTYPE[precision], device, cfg.model.trust_remote_code, cpu_linear
     )
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
+    answers = {}
+    if cfg.loss.outcome_weight:
+        answers = {format_prompt(q, cfg.task, s_tok): q.answer for q in train_problems}
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
-    longest = max([longest] + [prompt_length(s_tok, p) for p in eval_prompts])
+    benchmarks = load_benchmarks(cfg, s_tok)
+    every_eval_prompt = eval_prompts + [q for _, prompts, _ in benchmarks.values() for q in prompts]
+    longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
     check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
@@ -368,6 +419,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     return Parts(
         s_tok,
         train_prompts,
+        answers,
         eval_prompts,
         teacher,
         teacher_sampler,
@@ -376,6 +428,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         make_checker(cfg.task),
         trainer,
         rollout,
+        benchmarks,
     )
 
 
@@ -430,6 +483,8 @@ def train(cfg, run_dir: Path) -> dict:
             last = step == cfg.trainer.max_steps
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
                 acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student()
+                for name, (problems, prompts, checker) in p.benchmarks.items():
+                    metrics[f"eval/{name}/acc"] = evaluate(p.rollout, problems, prompts, checker, cfg.eval, eval_seed)
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
             if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
