@@ -496,3 +496,34 @@ def test_outcome_weight_adds_a_ppo_term_to_a_divergence(name):
     torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(gw, rw, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["topk_lsm", "topk_intersect_sg_norm", "topk_notail", "topk_tail"])
+def test_a_longer_teacher_list_than_the_loss_k(name):
+    """loss.diag_k > loss.k: the teacher supplies 8 ids, the loss's teacher top-K is their first 5, and
+    paper C's fill looks values up in all 8 (its teacher map holds max(opd_topk, stats_topk) ids)."""
+    h, w, tw, x8, t_logp = make_inputs(8, seed=7)
+    cfg = preset(name, k=5, diag_k=8)
+    obj = make_objective(cfg, tw)
+    got = obj.token_loss(h, w, x8)[0]
+    logits = h @ w.T
+    if cfg.support == "student":  # the reference's fill reads x.teacher_topk_ids: all 8
+        want = torch.stack([ref_token_loss(logits[n], t_logp, x8, n, cfg) for n in range(N)])
+    else:  # teacher top-K sets: the first 5 of the list
+        x5 = replace(
+            x8, teacher_topk_ids=x8.teacher_topk_ids[:, :5], teacher_topk_logprobs=x8.teacher_topk_logprobs[:, :5]
+        )
+        want = torch.stack([ref_token_loss(logits[n], t_logp, x5, n, cfg) for n in range(N)])
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-7, atol=1e-9)
+
+
+def test_diagnostics_use_diag_k():
+    """The overlap diagnostics at loss.diag_k = 5 from a teacher list of 8: as if the teacher had given 5."""
+    h, w, tw, x8, t_logp = make_inputs(8, seed=8)
+    x5 = replace(x8, teacher_topk_ids=x8.teacher_topk_ids[:, :5], teacher_topk_logprobs=x8.teacher_topk_logprobs[:, :5])
+    _, got = student_loss_and_metrics(h, w, x8, make_objective(preset("topk_lsm", k=8, diag_k=5)), 4)
+    _, want = student_loss_and_metrics(h, w, x5, make_objective(preset("topk_lsm", k=5)), 4)
+    _, at_8 = student_loss_and_metrics(h, w, x8, make_objective(preset("topk_lsm", k=8)), 4)
+    for name in ("overlap_ratio", "overlap_adv", "overlap_mass_student", "teacher_rank"):
+        assert got.means()[name] == pytest.approx(want.means()[name], rel=1e-12), name
+    assert got.means()["overlap_ratio"] != pytest.approx(at_8.means()["overlap_ratio"])

@@ -62,6 +62,7 @@ class LossConfig:
     max_response_tokens: int | None = None
     entropy_top_ratio: float | None = None
     outcome_weight: float = 0.0
+    diag_k: int | None = None
     gamma: float = 0.0
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -321,6 +322,11 @@ def check_divergence(loss: Any) -> None:
         raise UserError("loss.teacher_values: the full support needs the teacher's exact log-probs ('exact')")
 
 
+def teacher_k(loss: Any) -> int:
+    """How many top ids the teacher supplies: the loss's K, or the diagnostics' if larger (``loss.diag_k``)."""
+    return max(loss.k, loss.diag_k or 0)
+
+
 def student_precision(cfg: Any) -> str:
     """``trainer.precision`` with ``auto`` resolved from ``model.dtype``: fp32, bf16-mixed or bf16-pure.
 
@@ -432,6 +438,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.entropy_top_ratio: must be in (0, 1] or null, got {cfg.loss.entropy_top_ratio}")
     if cfg.loss.entropy_top_ratio is not None and cfg.rollout.engine != "hf":
         raise UserError("loss.entropy_top_ratio: needs the sampler's entropies, which rollout.engine=hf records")
+    if cfg.loss.diag_k is not None and cfg.loss.diag_k < 1:
+        raise UserError(f"loss.diag_k: must be an integer >= 1 or null, got {cfg.loss.diag_k}")
     if cfg.loss.outcome_weight < 0:
         raise UserError(f"loss.outcome_weight: must be >= 0, got {cfg.loss.outcome_weight}")
     if not 0 < cfg.loss.tail_floor < 1:

@@ -406,6 +406,8 @@ class Objective:
 
     name: str = ""
     teacher_needs: frozenset[str] = frozenset({"sampled_logprob", "topk"})
+    # K of the overlap diagnostics (loss.diag_k, else loss.k); None: the width of the teacher's list
+    diag_k: int | None = None
     # run token_loss chunk by chunk under activation checkpointing (it forms [chunk, V] tensors)
     chunked: bool = True
 
@@ -471,7 +473,9 @@ class SupportDivergence(Objective):
 
     def token_loss(self, hidden, weight, x):
         spec = self.spec
-        t_ids, t_lps = x.teacher_topk_ids, upcast(x.teacher_topk_logprobs)
+        # the teacher's top-K of the loss; its whole list (longer with loss.diag_k) supplies paper C's values
+        t_all, t_lps_all = x.teacher_topk_ids, upcast(x.teacher_topk_logprobs)
+        t_ids, t_lps = t_all[:, : self.k], t_lps_all[:, : self.k]
         if self.gathered_only:
             lp = upcast(gather_logits(hidden, weight, t_ids))
             return no_clip(support_loss(lp, t_lps.to(lp.dtype), torch.ones_like(t_ids, dtype=torch.bool), spec))
@@ -492,7 +496,7 @@ class SupportDivergence(Objective):
         if spec.teacher_values == "exact" and spec.support not in ("teacher", "intersection"):
             lq = self.teacher_logprobs(x).to(lp.dtype).gather(-1, ids)
         else:  # every slot is in the teacher's top-K, or paper C's fill with the student's log-prob
-            lq = topk_fill(ids, t_ids, t_lps, logp_full.detach().gather(-1, ids))
+            lq = topk_fill(ids, t_all, t_lps_all, logp_full.detach().gather(-1, ids))
         tail = None
         if spec.tail:  # paper C floors both tail masses (1e-8 in its code)
             floor = math.log(spec.tail_floor)
@@ -535,10 +539,13 @@ def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Object
         dual_clip=loss_cfg.dual_clip,
     )
     if loss_cfg.objective in ("sampled_token", "sampled_token_is"):
-        return pg
-    spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
-    divergence = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
-    return WithOutcome(divergence, pg) if loss_cfg.outcome_weight else divergence
+        objective = pg
+    else:
+        spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
+        objective = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
+        objective = WithOutcome(objective, pg) if loss_cfg.outcome_weight else objective
+    objective.diag_k = loss_cfg.diag_k or loss_cfg.k
+    return objective
 
 
 # --------------------------------------------------------------------------- diagnostics
@@ -600,10 +607,12 @@ def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bucket_tokens: int) -> MetricSums:
+def token_metrics(
+    hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bucket_tokens: int, k: int | None = None
+) -> MetricSums:
     """Per-token diagnostics of one chunk, as the papers' code computes them, without gradient.
 
-    K is the teacher's support size, ``O = TopK(p) ∩ TopK(q)`` by id (paper B's code). B's
+    K is ``k`` (``loss.diag_k`` or ``loss.k``; None: all the teacher's ids), ``O = TopK(p) ∩ TopK(q)`` by id (paper B's code). B's
     ``overlap_ratio`` is ``|O| / K`` pooled over tokens; its overlap masses ``sum_O p`` and
     ``sum_O q`` are averaged over tokens with a non-empty overlap; its ``overlap_adv``
     (``adv_intersection``) is the mean over all (token, id in O) of the advantage
@@ -615,7 +624,7 @@ def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bu
     entropy = -(logp.exp() * logp).sum(-1)
     logp_y = logp.gather(-1, x.target[:, None]).squeeze(-1)
     gap = x.teacher_logprob.to(logp.dtype) - logp_y
-    t_ids, t_lps = x.teacher_topk_ids, x.teacher_topk_logprobs.to(logp.dtype)
+    t_ids, t_lps = x.teacher_topk_ids[:, :k], x.teacher_topk_logprobs[:, :k].to(logp.dtype)
     k = t_ids.shape[-1]
     s_ids = topk_ids(logp, k).to(t_ids.device)
     lp_s = logp.gather(-1, s_ids)  # [c, K] the student's top-K
@@ -688,5 +697,5 @@ def student_loss_and_metrics(
         metrics.add("pg_clipfrac_lower", clipped[:, 1].to(xc.weight.dtype), xc.weight)
     if diagnostics:  # token_metrics runs without gradient
         for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
-            metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens))
+            metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens, objective.diag_k))
     return total, metrics

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from opd_cli.checkpoint import latest_checkpoint
-from opd_cli.config import COMPUTE_DTYPE, PARAM_DTYPE, student_precision, validate
+from opd_cli.config import COMPUTE_DTYPE, PARAM_DTYPE, student_precision, teacher_k, validate
 from opd_cli.distributed import (
     Rank,
     StopRequest,
@@ -213,7 +213,7 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
     p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     clock.lap("rollout")
-    support = p.teacher.score(batch, cfg.loss.k, keep_hidden="full" in p.objective.teacher_needs)
+    support = p.teacher.score(batch, teacher_k(cfg.loss), keep_hidden="full" in p.objective.teacher_needs)
     clock.lap("teacher")
     scores = outcome = None
     if cfg.loss.outcome_weight:  # the task's checker on every response: GRPO's group advantage
@@ -314,7 +314,14 @@ def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
         level = sleep_level(cfg.teacher.sleep, 1, "teacher.sleep")
         # scoring reads prompt + response and asks for one more token
         llm = make_llm(
-            path, cfg.teacher.dtype, max_len + 1, max(20, cfg.loss.k), memory, cfg.trainer.seed, ranks, level > 0
+            path,
+            cfg.teacher.dtype,
+            max_len + 1,
+            max(20, teacher_k(cfg.loss)),
+            memory,
+            cfg.trainer.seed,
+            ranks,
+            level > 0,
         )
         rows = llm.llm_engine.model_config.get_vocab_size()
         engine_memory = EngineMemory(llm, level)
