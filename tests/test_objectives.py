@@ -309,7 +309,7 @@ def test_discounted_returns_by_hand():
 def diagnostics_reference(logp, t_logp, x, k, s_top):
     """Per-token rows of each diagnostic from the papers' definitions, given the student's top-K ids."""
     rows = {key: [] for key in ("entropy", "t_entropy", "gap", "ratio", "mass_p", "mass_q", "egap", "rank")}
-    adv, adv_w, mass_w = [], [], []
+    adv, adv_w, adv_n, mass_w = [], [], [], []
     for n in range(N):
         p, q = logp[n].exp(), t_logp[n].exp()
         s_p, s_q = s_top[n], set(x.teacher_topk_ids[n].tolist())
@@ -332,7 +332,8 @@ def diagnostics_reference(logp, t_logp, x, k, s_top):
         for v in ov:
             adv.append(p[v] / z * (math.log(q[v]) - math.log(p[v])))
             adv_w.append(x.weight[n])
-    return rows, adv, adv_w, mass_w
+            adv_n.append(n)
+    return rows, (adv, adv_w, adv_n), mass_w
 
 
 def test_diagnostics_match_reference():
@@ -343,7 +344,7 @@ def test_diagnostics_match_reference():
     logp = torch.log_softmax(h @ w.T, -1)
     wt = x.weight
     s_top = [set(logp[n].topk(k).indices.tolist()) for n in range(N)]
-    rows, adv, adv_w, mass_w = diagnostics_reference(logp, t_logp, x, k, s_top)
+    rows, (adv, adv_w, adv_n), mass_w = diagnostics_reference(logp, t_logp, x, k, s_top)
 
     def mean(vals, weights=wt):
         return sum(float(a) * float(b) for a, b in zip(vals, weights, strict=True)) / float(sum(weights))
@@ -375,6 +376,10 @@ def test_diagnostics_match_reference():
         for key, metric in (("gap", "logprob_gap"), ("ratio", "overlap_ratio")):
             want = mean([g for g, s in zip(rows[key], sel, strict=True) if s], [wt[n] for n in range(N) if sel[n]])
             assert got[f"{metric}/bucket_{b}"] == pytest.approx(want, rel=1e-9)
+        in_b = [i for i, n in enumerate(adv_n) if sel[n]]
+        if in_b:  # B's adv_intersection per chunk: the entries of the bucket's tokens
+            want = mean([adv[i] for i in in_b], [adv_w[i] for i in in_b])
+            assert got[f"overlap_adv/bucket_{b}"] == pytest.approx(want, rel=1e-9)
 
 
 def test_overlap_ratio_counts_k_ids_with_ties():

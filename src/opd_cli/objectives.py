@@ -655,6 +655,7 @@ def token_metrics(
         in_b = (bucket == b).to(w.dtype)
         m.add(f"logprob_gap/bucket_{b}", gap, w * in_b)
         m.add(f"overlap_ratio/bucket_{b}", ratio, w * in_b)
+        m.add(f"overlap_adv/bucket_{b}", adv / n_overlap.clamp_min(1), w * n_overlap * in_b)
     return m
 
 
