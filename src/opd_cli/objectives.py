@@ -595,15 +595,34 @@ class MetricSums:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 
 
-def topk_ids(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The ids of the k largest values of each row of ``x [c, V]``, in no order (no gradient).
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of each row of ``x [c, V]`` (no gradient).
 
-    Ties at the k-th value are broken arbitrarily, as by ``torch.topk`` in paper B's code. On
-    CPU numpy's introselect partition is 3-4x faster than ``torch.topk`` for a small vocabulary.
+    On CPU, numpy's introselect partition is 3-4x faster than ``torch.topk`` for a few
+    thousand rows of a small vocabulary.
     """
     if x.device.type == "cpu":
-        return torch.from_numpy(np.argpartition(-x.detach().numpy(), k - 1, axis=-1)[:, :k].copy())
-    return x.topk(k, dim=-1).indices
+        cut = x.shape[-1] - k
+        return torch.from_numpy(np.partition(x.detach().numpy(), cut, axis=-1)[:, cut])
+    return x.topk(k, dim=-1).values[:, -1]
+
+
+def in_student_topk(logp: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of ``ids [c, M]`` are in a top-k set of ``logp [c, V]`` (each set exactly k ids), and each
+    set's probability mass ``[c]``.
+
+    Ids above the k-th largest value are in; of the ids tied at it, as many as the set has room
+    for, first as they come in ``ids`` (the teacher's list, best first). A top-k set is then k
+    ids, as ``torch.topk``'s in paper B's code; which tied ids it holds, torch leaves open.
+    """
+    kth = kth_largest(logp, k)[:, None]
+    above = logp > kth
+    room = k - above.sum(-1, keepdim=True)  # >= 1: the slots the tied ids fill
+    at = logp.gather(-1, ids)
+    tied = at == kth
+    member = (at > kth) | (tied & (tied.cumsum(-1) <= room))
+    mass = logp.exp().masked_fill(~above, 0).sum(-1) + room[:, 0] * kth[:, 0].exp()
+    return member, mass
 
 
 @torch.no_grad()
@@ -612,8 +631,8 @@ def token_metrics(
 ) -> MetricSums:
     """Per-token diagnostics of one chunk, as the papers' code computes them, without gradient.
 
-    K is ``k`` (``loss.diag_k`` or ``loss.k``; None: all the teacher's ids), ``O = TopK(p) ∩ TopK(q)`` by id (paper B's code). B's
-    ``overlap_ratio`` is ``|O| / K`` pooled over tokens; its overlap masses ``sum_O p`` and
+    K is ``k`` (``loss.diag_k`` or ``loss.k``; None: all the teacher's ids) and ``O = TopK(p) ∩ TopK(q)``
+    by id, each top-K a set of K ids (``in_student_topk``), as in paper B's code. B's ``overlap_ratio`` is ``|O| / K`` pooled over tokens; its overlap masses ``sum_O p`` and
     ``sum_O q`` are averaged over tokens with a non-empty overlap; its ``overlap_adv``
     (``adv_intersection``) is the mean over all (token, id in O) of the advantage
     ``p_bar(v) (log q(v) - log p(v))``, ``p_bar`` the student renormalized on its top-K.
@@ -626,12 +645,10 @@ def token_metrics(
     gap = x.teacher_logprob.to(logp.dtype) - logp_y
     t_ids, t_lps = x.teacher_topk_ids[:, :k], x.teacher_topk_logprobs[:, :k].to(logp.dtype)
     k = t_ids.shape[-1]
-    s_ids = topk_ids(logp, k).to(t_ids.device)
-    lp_s = logp.gather(-1, s_ids)  # [c, K] the student's top-K
-    in_overlap = membership(s_ids, t_ids)
-    lq_s = topk_fill(s_ids, t_ids, t_lps, lp_s)  # the teacher's log-probs on the overlap slots
-    p_bar = lp_s.softmax(-1)
-    adv = (p_bar * (lq_s - lp_s)).masked_fill(~in_overlap, 0).sum(-1)
+    in_overlap, mass_s = in_student_topk(logp, t_ids, k)  # [c, K]: the teacher's slots in TopK(p)
+    lp_t = logp.gather(-1, t_ids)
+    # B's advantage on the overlap: p_bar (log q - log p), p_bar the student renormalized on its top-K
+    adv = (lp_t.exp() / mass_s[:, None] * (t_lps - lp_t)).masked_fill(~in_overlap, 0).sum(-1)
     n_overlap = in_overlap.sum(-1).to(logp.dtype)
     any_overlap = w * (n_overlap > 0).to(w.dtype)
     ratio = n_overlap / k
@@ -639,8 +656,8 @@ def token_metrics(
     m.add("teacher_entropy", x.teacher_entropy.to(logp.dtype), w)
     m.add("logprob_gap", gap, w)
     m.add("overlap_ratio", ratio, w)
-    m.add("overlap_mass_student", lp_s.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
-    m.add("overlap_mass_teacher", lq_s.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
+    m.add("overlap_mass_student", lp_t.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
+    m.add("overlap_mass_teacher", t_lps.exp().masked_fill(~in_overlap, 0).sum(-1), any_overlap)
     m.add("overlap_adv", adv / n_overlap.clamp_min(1), w * n_overlap)
     m.add("entropy_gap", (x.teacher_entropy.to(logp.dtype) - entropy).abs(), w)
     m.add("teacher_rank", teacher_rank(t_ids, x.target).to(logp.dtype), w)
