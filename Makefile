@@ -54,7 +54,7 @@ sweep-slurm: $(STAMP) ## a sweep, one SLURM job per point: ARGS="loss.k=1,4,16,6
 	$(VENV)/bin/opd-train -m hydra/launcher=slurm $(ARGS)
 
 serve-teacher: $(STAMP) ## the teacher as a vLLM server: ARGS="teacher=openthinker3 teacher.url=http://0.0.0.0:8000"
-	$(PY) -m opd_cli.serve_teacher $(ARGS)
+	$(PY) -m opd_cli.commands.serve_teacher $(ARGS)
 
 slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests and trying things)
 	bash scripts/slurm_up.sh

@@ -7,7 +7,7 @@ The step: the demo student samples ``rollout.n`` answers to each of
 ``trainer.prompts_per_step`` training prompts (the prompts ``opd-train`` would use at
 those steps), the demo teacher scores them, and the student takes one optimizer step.
 
-- opd-cli: ``opd_cli.train.build`` + ``opd_step``, exactly as ``opd-train`` runs them,
+- opd-cli: ``opd_cli.training.build.build`` + ``opd_step``, exactly as ``opd-train`` runs them,
   once per objective in ``--losses``. Phases come from the step's own ``time/*`` metrics.
 - TRL: ``trl.DistillationTrainer`` (on-policy: ``beta=1``, the full-vocabulary reverse KL,
   the same divergence as opd-cli's ``full_rkl``) with the same models, prompts, batch
@@ -18,7 +18,7 @@ those steps), the demo teacher scores them, and the student takes one optimizer 
   Phases are read from TRL's own methods: ``_generate`` (rollout), the teacher's
   ``_get_last_hidden_state`` call (teacher), the optimizer callbacks (optimizer); the rest
   of the step (student forward, projection, loss, backward, Trainer overhead) is "student".
-- Both sides' models are loaded by ``opd_cli.models.load_model`` with the same
+- Both sides' models are loaded by ``opd_cli.models.loading.load_model`` with the same
   ``trainer.cpu_linear``, so their linear layers run on the same kernels (oneDNN on an
   x86-64 CPU by default): the ratio is not a kernel library's.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-from opd_cli.train import PHASES  # noqa: E402  (after the environment: it imports transformers)
+from opd_cli.training.loop import PHASES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from opd_cli.config import register_configs
+    from opd_cli.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -65,7 +65,7 @@ def peak_rss_gb() -> float:
 
 
 def step_prompts_for(cfg, train_prompts: list[str], steps: int) -> list[list[str]]:
-    from opd_cli.train import step_prompts
+    from opd_cli.training.data import step_prompts
 
     per, seed = cfg.trainer.prompts_per_step, cfg.trainer.seed
     return [step_prompts(train_prompts, per, s, seed) for s in range(1, steps + 1)]
@@ -75,9 +75,10 @@ def opd_worker(args, overrides: list[str]) -> dict:
     """Time opd-cli's step with ``overrides`` (one objective)."""
     import torch
 
-    from opd_cli.distributed import Rank
-    from opd_cli.tasks import load_problems
-    from opd_cli.train import build, opd_step, pick_device
+    from opd_cli.dist import Rank, pick_device
+    from opd_cli.tasks.problems import load_problems
+    from opd_cli.training.build import build
+    from opd_cli.training.loop import opd_step
 
     cfg = compose(overrides)
     torch.manual_seed(cfg.trainer.seed)
@@ -103,9 +104,9 @@ def trl_worker(args, overrides: list[str]) -> dict:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from opd_cli.models import load_model, load_tokenizer, resolve_path
-    from opd_cli.tasks import load_problems
-    from opd_cli.train import training_prompts
+    from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+    from opd_cli.tasks.problems import load_problems
+    from opd_cli.training.data import training_prompts
 
     cfg = compose(overrides)
     tc, rc = cfg.trainer, cfg.rollout
@@ -259,7 +260,7 @@ def main() -> None:
 
     import torch
 
-    from opd_cli.models import resolve_path
+    from opd_cli.models.loading import resolve_path
 
     cfg = compose(args.overrides)
     resolve_path(cfg.model.name_or_path, cfg), resolve_path(cfg.teacher.name_or_path, cfg)  # build the demo models

@@ -42,12 +42,15 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    from opd_cli.config import register_configs
-    from opd_cli.models import load_model, load_tokenizer, resolve_path
-    from opd_cli.rollout import HFRollout
-    from opd_cli.tasks import format_prompt, load_problems
-    from opd_cli.teacher import HFTeacher
-    from opd_cli.vllm_engine import VLLMRollout, VLLMTeacher, make_llm
+    from opd_cli.config.schema import register_configs
+    from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+    from opd_cli.models.vllm import make_llm
+    from opd_cli.rollout.hf import HFRollout
+    from opd_cli.rollout.vllm import VLLMRollout
+    from opd_cli.tasks.problems import load_problems
+    from opd_cli.tasks.prompts import format_prompt
+    from opd_cli.teacher.hf import HFTeacher
+    from opd_cli.teacher.vllm import VLLMTeacher
 
     register_configs()
     conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")

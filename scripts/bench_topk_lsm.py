@@ -50,7 +50,9 @@ def dense_loss(h, w, ids, t_lps):
 def child(args) -> dict:
     from omegaconf import OmegaConf
 
-    from opd_cli.objectives import TokenInputs, make_objective, student_loss_and_metrics
+    from opd_cli.objectives.inputs import TokenInputs
+    from opd_cli.objectives.registry import make_objective
+    from opd_cli.objectives.student_pass import student_loss_and_metrics
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from opd_cli.config import register_configs
-from opd_cli.demo import build_model, train_tokenizer
-from opd_cli.tasks import arith_problems
+from opd_cli.config.schema import register_configs
+from opd_cli.models.demo import build_model, train_tokenizer
+from opd_cli.tasks.problems import arith_problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_
 def cli_argv(run_dir, models_dir, *args) -> list[str]:
     """``opd-train`` on the tiny demo, short settings, in ``run_dir``."""
     demo = [f"hydra.run.dir={run_dir}", f"paths.models={models_dir}", *TINY_DEMO, *SHORT]
-    return [sys.executable, "-m", "opd_cli.cli", *demo, *args]
+    return [sys.executable, "-m", "opd_cli.commands.train", *demo, *args]
 
 
 def opd_train(run_dir, models_dir, *args, env=None):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from opd_cli.train import train
+from opd_cli.training.loop import train
 
 from .conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from opd_cli.config import validate
+from opd_cli.config.validate import validate
 from opd_cli.errors import UserError
 
 from .conftest import REPO, compose_cfg
@@ -163,7 +163,7 @@ def test_schema_keys_are_all_in_the_documented_yaml():
 def run_cli(*args, env=None, timeout=300):
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "opd_cli.cli", *args],
+        [sys.executable, "-m", "opd_cli.commands.train", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -6,17 +6,11 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from opd_cli.demo import build_model
 from opd_cli.errors import UserError
-from opd_cli.tasks import (
-    Problem,
-    arith_problems,
-    check_exact,
-    format_prompt,
-    hub_problems,
-    last_boxed,
-    split_held_out,
-)
+from opd_cli.models.demo import build_model
+from opd_cli.tasks.checking import check_exact, last_boxed
+from opd_cli.tasks.problems import Problem, arith_problems, hub_problems, split_held_out
+from opd_cli.tasks.prompts import format_prompt
 
 from .conftest import compose_cfg
 

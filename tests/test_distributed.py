@@ -8,7 +8,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM
 
-from opd_cli.objectives import AGG_MODES
+from opd_cli.objectives.advantages import AGG_MODES
 
 from .conftest import CLI_ENV, REPO, cli_argv, metrics, opd_train
 

@@ -4,7 +4,7 @@ tests drive the state machine with a recorder in the engine's place; the refusal
 
 import pytest
 
-from opd_cli.vllm_engine import EngineMemory
+from opd_cli.models.vllm import EngineMemory
 
 
 class Recorder:

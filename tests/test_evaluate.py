@@ -12,7 +12,7 @@ FIXTURES = REPO / "tests/fixtures"
 
 
 def opd_eval(out_dir, models_dir, *args):
-    argv = [sys.executable, "-m", "opd_cli.evaluate", f"hydra.run.dir={out_dir}", f"paths.models={models_dir}"]
+    argv = [sys.executable, "-m", "opd_cli.commands.evaluate", f"hydra.run.dir={out_dir}", f"paths.models={models_dir}"]
     return subprocess.run(
         [*argv, *TINY_DEMO, *args], capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=600
     )

@@ -14,11 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_cli.engines import TorchTrainer
-from opd_cli.objectives import AGG_MODES, aggregation_weights, make_objective
-from opd_cli.rollout import HFRollout
-from opd_cli.teacher import HFTeacher, lm_head_weight
-from opd_cli.train import PhaseClock, token_inputs, update
+from opd_cli.models.loading import lm_head_weight
+from opd_cli.objectives.advantages import AGG_MODES, aggregation_weights
+from opd_cli.objectives.inputs import token_inputs
+from opd_cli.objectives.registry import make_objective
+from opd_cli.rollout.hf import HFRollout
+from opd_cli.teacher.hf import HFTeacher
+from opd_cli.training.loop import PhaseClock, update
+from opd_cli.training.trainers import TorchTrainer
 
 from .conftest import REPO, perturbed_copy
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from opd_cli.batch import response_mask_from
 from opd_cli.errors import UserError
-from opd_cli.masks import entropy_top_keep, mask_token_ids, special_token_keep
-from opd_cli.rollout import response_mask_from
+from opd_cli.objectives.masks import entropy_top_keep, mask_token_ids, special_token_keep
 
 EOS = 0
 

@@ -14,18 +14,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_cli import objectives
-from opd_cli.objectives import (
-    TokenInputs,
-    discounted_returns,
-    gather_logits,
-    group_advantage,
-    make_objective,
-    ppo_token_loss,
-    repetition_counts,
-    student_loss_and_metrics,
-    teacher_rank,
-)
+from opd_cli.objectives import math as objective_math
+from opd_cli.objectives import student_pass
+from opd_cli.objectives.advantages import discounted_returns, group_advantage
+from opd_cli.objectives.diagnostics import repetition_counts, teacher_rank
+from opd_cli.objectives.inputs import TokenInputs
+from opd_cli.objectives.math import gather_logits, ppo_token_loss
+from opd_cli.objectives.registry import make_objective
+from opd_cli.objectives.student_pass import student_loss_and_metrics
 
 from .conftest import REPO
 
@@ -184,7 +180,7 @@ def check_preset(name, k, chunk=1024, cfg_overrides=None, **kw):
 @pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
 def test_preset_matches_reference(name, k, dense, monkeypatch):
     """``dense``: gather_logits multiplies by the whole head and picks columns (small vocabularies)."""
-    monkeypatch.setattr(objectives, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
+    monkeypatch.setattr(objective_math, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
     check_preset(name, k)
 
 
@@ -198,7 +194,7 @@ def test_preset_gradient_wrt_logits(name):
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["kept", "checkpointed"])
 def test_preset_with_ties_and_chunks(name, checkpointed, monkeypatch):
     """Chunks of 3 tokens, with their intermediates kept (small N x V) or recomputed in the backward."""
-    monkeypatch.setattr(objectives, "CHECKPOINT_ABOVE", 0 if checkpointed else 10**12)
+    monkeypatch.setattr(student_pass, "CHECKPOINT_ABOVE", 0 if checkpointed else 10**12)
     check_preset(name, 5, chunk=3, ties=True)
 
 
@@ -250,12 +246,12 @@ def test_gather_logits_matches_dense_reference(dense, monkeypatch):
     w = torch.randn(13, 4, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 13, (9, 3), generator=g)  # repeated ids: dW must accumulate
     coef = torch.randn(9, 3, generator=g, dtype=torch.float64)
-    monkeypatch.setattr(objectives, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
+    monkeypatch.setattr(objective_math, "DENSE_VOCAB_PER_K", 10**9 if dense else 0)
     (coef * gather_logits(h, w, ids)).sum().backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     if not dense:  # the gathered path in chunks of 2 rows
         h.grad = w.grad = None
-        (coef * objectives._GatherLogits.apply(h, w, ids, 2)).sum().backward()
+        (coef * objective_math._GatherLogits.apply(h, w, ids, 2)).sum().backward()
         torch.testing.assert_close(gh, h.grad)
         torch.testing.assert_close(gw, w.grad)
     h.grad = w.grad = None
@@ -429,7 +425,8 @@ TOPK_ONLY = frozenset({"sampled_logprob", "topk"})  # what a vLLM teacher gives 
 @pytest.mark.parametrize("name", PRESETS)
 def test_teacher_requirements(name):
     from opd_cli.errors import UserError
-    from opd_cli.teacher import HFTeacher, check_teacher_supplies
+    from opd_cli.teacher.hf import HFTeacher
+    from opd_cli.teacher.registry import check_teacher_supplies
 
     obj = make_objective(preset(name))
     check_teacher_supplies(obj, HFTeacher.supplies, "hf")  # the in-process teacher supplies everything

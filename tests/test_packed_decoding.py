@@ -27,9 +27,9 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from opd_cli.decoding import BufferedDecoder, CacheDecoder, LeanDecoder, prefill
-from opd_cli.packed import padded_hidden, response_hidden
-from opd_cli.rollout import build_batch, position_ids
+from opd_cli.batch import build_batch, position_ids
+from opd_cli.models.decoding import BufferedDecoder, CacheDecoder, LeanDecoder, prefill
+from opd_cli.models.packed import padded_hidden, response_hidden
 
 V, EOS, PAD = 61, 1, 0
 SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
@@ -118,7 +118,7 @@ def test_packed_scoring_equals_one_pass_per_sequence(name, caplog):
     sub = batch.select(torch.tensor([1, 2, 3, 7]))  # a micro-batch: groups split, one row alone
     for b in (batch, sub):
         h_ref, y_ref, g_ref, w = hidden_and_grads(model, per_row_reference, b)
-        with caplog.at_level(logging.WARNING, logger="opd_cli.packed"):
+        with caplog.at_level(logging.WARNING, logger="opd_cli.models.attention"):
             h, y, g, _ = hidden_and_grads(model, response_hidden, b, w)
         assert y.equal(y_ref)
         torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_cli.config import student_precision
-from opd_cli.engines import TorchTrainer
+from opd_cli.config.validate import student_precision
 from opd_cli.errors import UserError
-from opd_cli.objectives import make_objective
-from opd_cli.rollout import HFRollout
-from opd_cli.teacher import HFTeacher
-from opd_cli.train import token_inputs
+from opd_cli.objectives.inputs import token_inputs
+from opd_cli.objectives.registry import make_objective
+from opd_cli.rollout.hf import HFRollout
+from opd_cli.teacher.hf import HFTeacher
+from opd_cli.training.trainers import TorchTrainer
 
 from .conftest import REPO, compose_cfg, perturbed_copy
 

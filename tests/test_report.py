@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from opd_cli.report import labels, write_report
+from opd_cli.analysis.report import labels, write_report
 
 from .conftest import CLI_ENV, REPO, cli_argv
 
@@ -37,7 +37,9 @@ def test_report_of_fake_runs(tmp_path):
 
 
 def test_report_errors_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "opd_cli.report", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "opd_cli.commands.report", str(tmp_path)], capture_output=True, text=True
+    )
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "no run directory" in out.stderr
 
@@ -57,7 +59,7 @@ def test_report_of_a_real_sweep(tmp_path, models_dir):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    out = subprocess.run([sys.executable, "-m", "opd_cli.report", str(sweep)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "opd_cli.commands.report", str(sweep)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     text = (sweep / "report/report.md").read_text()
     assert "| loss.k=2 | 2 |" in text and "| loss.k=4 | 2 |" in text

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from opd_cli.objectives import chunk_bounds
-from opd_cli.rollout import HFRollout, RolloutBatch, sample_top_p
-from opd_cli.teacher import HFTeacher
+from opd_cli.batch import RolloutBatch, chunk_bounds
+from opd_cli.rollout.hf import HFRollout, sample_top_p
+from opd_cli.teacher.hf import HFTeacher
 
 PROMPTS = ["Question: Ann has 12 pens.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: A box holds 57 coins and more\nA:"]
 

@@ -7,8 +7,9 @@ from math import comb
 import pytest
 
 from opd_cli.errors import UserError
-from opd_cli.scores import avg_at_k, mean_pass_at_k, pass_at_k
-from opd_cli.tasks import check_math_verify, load_problems
+from opd_cli.tasks.checking import check_math_verify
+from opd_cli.tasks.problems import load_problems
+from opd_cli.tasks.scores import avg_at_k, mean_pass_at_k, pass_at_k
 
 from .conftest import REPO, compose_cfg
 
@@ -104,7 +105,7 @@ def test_dapo_math_loads_from_parquet_in_the_hub_layout():
 
 
 def test_training_on_an_evaluation_benchmark_is_refused(tmp_path):
-    from opd_cli.train import train
+    from opd_cli.training.loop import train
 
     cfg = compose_cfg(["task=aime24", f"task.path={FIXTURES / 'aime24.jsonl'}"])
     with pytest.raises(UserError, match="is an evaluation benchmark"):

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from opd_cli.distributed import first_host, slurm_rendezvous
+from opd_cli.training.launch import first_host, slurm_rendezvous
 
 from .conftest import CLI_ENV, REPO, cli_argv
 

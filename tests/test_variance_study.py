@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from opd_cli.variance_study import Policy, gaussian_kl, log_prob
+from opd_cli.analysis.variance_study import Policy, gaussian_kl, log_prob
 
 from .conftest import REPO
 
@@ -28,7 +28,7 @@ def test_gaussian_helpers_against_torch():
 def test_tiny_study_writes_every_output(tmp_path):
     args = ["iterations=12", "seeds=[42,43]", "gammas=[0,1]", "teacher_iterations=5", "visit_iterations=4"]
     out = subprocess.run(
-        [sys.executable, "-m", "opd_cli.study", "variance", *args, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "opd_cli.commands.study", "variance", *args, f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -45,7 +45,7 @@ def test_tiny_study_writes_every_output(tmp_path):
 
 
 def test_bad_study_input(tmp_path):
-    run = [sys.executable, "-m", "opd_cli.study"]
+    run = [sys.executable, "-m", "opd_cli.commands.study"]
     out = subprocess.run([*run, "nope"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and out.stderr.startswith("error: usage: opd-study")
     out = subprocess.run(

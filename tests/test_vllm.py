@@ -6,9 +6,11 @@ Integration tier: each engine takes seconds to start.
 import pytest
 import torch
 
-from opd_cli.rollout import HFRollout
-from opd_cli.teacher import HFTeacher
-from opd_cli.vllm_engine import VLLMRollout, VLLMTeacher, make_llm
+from opd_cli.models.vllm import make_llm
+from opd_cli.rollout.hf import HFRollout
+from opd_cli.rollout.vllm import VLLMRollout
+from opd_cli.teacher.hf import HFTeacher
+from opd_cli.teacher.vllm import VLLMTeacher
 
 from .conftest import metrics, opd_train
 from .test_rollout_teacher import PROMPTS, unpadded_logprobs
@@ -100,20 +102,20 @@ def test_vllm_teacher_refuses_full_distribution_objectives(tmp_path, models_dir)
 
 @pytest.fixture(scope="module")
 def teacher_server(models_dir):
-    """``python -m opd_cli.serve_teacher`` on the tiny demo teacher, on a free local port."""
+    """``python -m opd_cli.commands.serve_teacher`` on the tiny demo teacher, on a free local port."""
     import subprocess
     import sys
     import time
     import urllib.request
 
-    from opd_cli.distributed import free_port
+    from opd_cli.dist import free_port
 
     from .conftest import CLI_ENV, REPO, TINY_DEMO
 
     url = f"http://127.0.0.1:{free_port()}"
     args = [f"paths.models={models_dir}", *TINY_DEMO, "teacher.backend=vllm", f"teacher.url={url}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "opd_cli.serve_teacher", *args],
+        [sys.executable, "-m", "opd_cli.commands.serve_teacher", *args],
         cwd=REPO,
         env=CLI_ENV,
         stdout=subprocess.DEVNULL,
@@ -137,8 +139,8 @@ def teacher_server(models_dir):
 
 
 def test_teacher_server_matches_hf(teacher_server, models_dir):
-    from opd_cli.models import load_model, load_tokenizer, resolve_path
-    from opd_cli.vllm_engine import VLLMServerTeacher
+    from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+    from opd_cli.teacher.server import VLLMServerTeacher
 
     from .conftest import compose_cfg
 

@@ -1,0 +1,140 @@
+"""The data that passes between the stages of a step.
+
+A rollout engine returns a ``RolloutBatch`` (prompt and response ids in one left-padded
+layout, masks, the sampler's log-probs); a teacher backend returns a ``TeacherSupport``
+(flat over the batch's response tokens in row-major order). Every other stage reads these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def chunk_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+@dataclass
+class RolloutBatch:
+    """B sequences of length L = P + T (P prompt columns, T response columns).
+
+    Prompts are left-padded into the first P columns, responses right-padded into
+    the last T. Token j is predicted by the model's output at position j - 1.
+    """
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long, 1 for real tokens (prompt and response incl. EOS)
+    response_mask: torch.Tensor  # [B, L] bool, response tokens up to and including the first EOS
+    old_logprobs: torch.Tensor  # [B, L] float, sampler log-prob of each response token (0 elsewhere)
+    truncated: torch.Tensor  # [B] bool, response hit max_new_tokens without EOS
+    prompt_index: torch.Tensor  # [B] long, which prompt of the request each sequence answers
+    prompt_len: int  # P
+    # [B, L] float, the sampler's temperature-1 entropy at each response token (0 elsewhere), when recorded
+    entropy: torch.Tensor | None = None
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return position_ids(self.attention_mask)
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The sub-batch of the given rows (e.g. a micro-batch), without columns that are padding in all of them."""
+        used = self.attention_mask[rows].bool().any(0).nonzero().squeeze(-1)
+        lo = min(int(used[0]), self.prompt_len - 1)
+        cols = slice(lo, int(used[-1]) + 1)
+        return RolloutBatch(
+            self.input_ids[rows, cols],
+            self.attention_mask[rows, cols],
+            self.response_mask[rows, cols],
+            self.old_logprobs[rows, cols],
+            self.truncated[rows],
+            self.prompt_index[rows],
+            self.prompt_len - lo,
+            None if self.entropy is None else self.entropy[rows, cols],
+        )
+
+    def prompt_groups(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first row of each run of rows answering the same prompt, and each row's run number."""
+        new = torch.ones_like(self.prompt_index, dtype=torch.bool)
+        new[1:] = self.prompt_index[1:] != self.prompt_index[:-1]
+        return new.nonzero().squeeze(-1), new.long().cumsum(0) - 1
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, as ``generate`` does.
+
+    Scoring a left-padded batch without these would shift every position by the
+    row's padding.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of response tokens up to and including the first EOS; and rows with no EOS.
+
+    ``response`` is [B, T] of generated ids (anything after the first EOS is padding).
+    """
+    is_eos = response == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return ~after_eos, ~is_eos.any(-1)
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and attention mask, ``[B, P]``."""
+    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # one call: the batch at once
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):
+        ids[i, width - len(e) :] = torch.tensor(e)
+        attn[i, width - len(e) :] = 1
+    return ids, attn
+
+
+def build_batch(
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    response: torch.Tensor,
+    logps: torch.Tensor,
+    eos_id: int,
+    n_prompts: int,
+    n: int,
+    entropy: torch.Tensor | None = None,
+) -> RolloutBatch:
+    """A ``RolloutBatch`` from left-padded prompts ``[B, P]`` and right-padded responses ``[B, T]``.
+
+    ``logps`` (and ``entropy``, if recorded) hold the sampler's log-prob of each response
+    token (its distribution's entropy); anything after a row's first EOS is padding.
+    """
+    resp_mask, truncated = response_mask_from(response, eos_id)
+    B, P = ids.shape
+    zeros = torch.zeros((B, P), dtype=torch.bool)
+    if entropy is not None:
+        entropy = torch.cat([zeros.float(), entropy * resp_mask], dim=1)
+    return RolloutBatch(
+        input_ids=torch.cat([ids, response], dim=1),
+        attention_mask=torch.cat([attn, resp_mask.long()], dim=1),
+        response_mask=torch.cat([zeros, resp_mask], dim=1),
+        old_logprobs=torch.cat([zeros.float(), logps * resp_mask], dim=1),
+        truncated=truncated,
+        prompt_index=torch.arange(n_prompts).repeat_interleave(n),
+        prompt_len=P,
+        entropy=entropy,
+    )
+
+
+def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
+    return [
+        tokenizer.decode(row[batch.prompt_len :][m[batch.prompt_len :]], skip_special_tokens=True)
+        for row, m in zip(batch.input_ids, batch.response_mask, strict=True)
+    ]
+
+
+@dataclass
+class TeacherSupport:
+    topk_ids: torch.Tensor  # [N, K] long, the teacher's K most likely ids (descending)
+    topk_logprobs: torch.Tensor  # [N, K] float, their log-probs (full-vocabulary normalized)
+    sampled_logprob: torch.Tensor  # [N] float, log q(y_t) of the sampled token
+    entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
+    hidden: torch.Tensor | None = None  # [N, d_t] final hidden states, when "full" is asked for

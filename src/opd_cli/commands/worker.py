@@ -1,0 +1,49 @@
+"""One rank of a multi-process job: ``python -m opd_cli.commands.worker <resolved config> <run dir>``.
+
+``opd-train`` composes the config with Hydra, saves it resolved in the run directory
+and starts the ranks (distributed.launch); each rank reads that file, so every rank
+runs exactly the composed config, sweeps included.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from opd_cli.config.schema import TrainConfig
+from opd_cli.dist import leave_process_group, this_rank
+from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
+from opd_cli.training.loop import train
+
+
+def main() -> None:
+    config_path, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    rank = this_rank()
+    logging.basicConfig(
+        level=logging.INFO if rank.main else logging.WARNING,
+        format=f"[%(asctime)s][rank {rank.rank}][%(name)s][%(levelname)s] - %(message)s",
+    )
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecations inside DeepSpeed
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(config_path))
+
+    code = 0
+    try:
+        train(cfg, run_dir)
+    except UserError as e:
+        if rank.main:
+            print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except Stopped as e:
+        if rank.main:
+            print(e.message(), file=sys.stderr)
+        code = EXIT_STOPPED
+    leave_process_group()  # after a run or an error every rank raised, not after a crash
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Typed config schema, registered in Hydra's ConfigStore.
+
+Types and unknown keys are checked by OmegaConf when Hydra composes the config; value
+ranges by ``opd_cli.config.validate``. Every key is documented with a comment in its YAML
+under ``conf/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "demo:student"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: str = "demo:teacher"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    backend: str = "hf"
+    micro_batch_size: int = 64
+    shard: bool = False
+    gpu_memory_utilization: float = 0.3
+    url: str | None = None
+    sleep: bool | None = None
+    temperature: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    name: str = "topk_lsm"
+    objective: str = "support_divergence"
+    k: int = 32
+    support: str = "teacher"
+    renormalize: bool = True
+    tail: bool = False
+    stop_grad: str = "none"
+    direction: str = "reverse"
+    beta: float = 0.5
+    form: str = "direct"
+    teacher_values: str = "exact"
+    pg_weight: str = "student_p"
+    tail_floor: float = 1e-8
+    log_ratio_clip: float | None = None
+    max_response_tokens: int | None = None
+    entropy_top_ratio: float | None = None
+    outcome_weight: float = 0.0
+    diag_k: int | None = None
+    gamma: float = 0.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    dual_clip: float | None = None
+    agg: str = "token-mean"
+    mask_tokens: list[str] = field(default_factory=list)
+    mask_mode: str = "first"
+    chunk_tokens: int = 1024
+    gap_bucket_tokens: int = 1024
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 256
+    gpu_memory_utilization: float = 0.3
+    sleep: bool | None = None
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    dataset: str | None = None
+    path: str | None = None
+    split: str = "train"
+    question_key: str = "question"
+    answer_key: str = "answer"
+    template: str = "{question}"
+    chat_template: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    question_regex: str | None = None
+    checker: str = "exact"
+    answer_timeout_s: int = 4
+    eval_only: bool = False
+    seed: int = 0
+    n_eval: int = 256
+
+
+@dataclass
+class TrainerConfig:
+    engine: str = "torch"
+    device: str = "auto"
+    cpu_linear: str = "auto"
+    precision: str = "auto"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    rdzv_timeout: int = 300
+    stop_timeout_s: int = 30
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 600
+    prompts_per_step: int = 16
+    mini_batches: int = 1
+    micro_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    save_every: int = 0
+    resume: bool = False
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    k: int = 4
+    n_problems: int = 256
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 64
+    batch_size: int = 512
+
+
+@dataclass
+class TrainEvalConfig(EvalConfig):
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_paths: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"
+    project: str = "opd-cli"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DemoConfig:
+    hidden_size: int = 128
+    num_layers: int = 2
+    vocab_size: int = 400
+    teacher_steps: int = 800
+    student_steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class PathsConfig:
+    models: str = "outputs/models"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """``opd-eval``: one model on several benchmarks (conf/evaluate.yaml documents each key)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tasks: list[str] = field(default_factory=lambda: ["arith"])
+    task_paths: dict[str, str | None] = field(default_factory=dict)
+    pass_k: list[int] = field(default_factory=lambda: [1])
+    teacher_acc: dict[str, float | None] = field(default_factory=dict)
+    baseline_acc: dict[str, float | None] = field(default_factory=dict)
+    chat_template: bool | None = None
+    seed: int = 0
+    device: str = "auto"
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+@dataclass
+class VarianceStudyConfig:
+    """``opd-study variance`` (conf/study_variance.yaml documents each key)."""
+
+    gammas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 2026])
+    horizon: int = 20
+    batch: int = 64
+    micro_batches: int = 8
+    iterations: int = 600
+    width: int = 32
+    teacher_iterations: int = 300
+    teacher_lr: float = 1e-2
+    student_lr: float = 3e-3
+    state_bins: int = 40
+    state_range: list[float] = field(default_factory=lambda: [-6.0, 6.0])
+    visit_iterations: int = 100
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="study_variance_schema", node=VarianceStudyConfig)
+    ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

@@ -1,0 +1,284 @@
+"""Start-up checks of a composed config: one ``UserError`` naming the first bad key.
+
+``validate`` runs from a Hydra callback before the run directory is created, so a bad
+value never touches an existing run directory. The allowed values of the keys that pick a
+part (objective, rollout engine, teacher backend, answer checker) come from those parts'
+registries.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from opd_cli.errors import UserError
+from opd_cli.models.loading import looks_local
+from opd_cli.objectives.advantages import AGG_MODES
+from opd_cli.tasks.problems import task_config
+
+# supports of the general divergence (objectives.support_slots)
+SUPPORTS = ("teacher", "student", "union", "intersection", "symdiff", "full")
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "loss.objective": ("sampled_token", "sampled_token_is", "support_divergence"),
+    "loss.support": SUPPORTS,
+    "loss.stop_grad": ("none", "log_ratio", "student_log"),
+    "loss.direction": ("reverse", "forward", "jsd"),
+    "loss.form": ("direct", "pg"),
+    "loss.teacher_values": ("exact", "topk_fill"),
+    "loss.pg_weight": ("student_p", "teacher_p", "none"),
+    "loss.mask_mode": ("first", "all"),
+    "loss.agg": AGG_MODES,
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.dtype": ("float32", "bfloat16", "float16"),
+    "teacher.backend": ("hf", "vllm"),
+    "rollout.engine": ("hf", "vllm"),
+    "task.name": ("arith", "hub"),
+    "task.checker": ("exact", "math_verify"),
+    "trainer.engine": ("torch", "deepspeed"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+    "trainer.lr_schedule": ("constant", "cosine"),
+    "trainer.cpu_linear": ("auto", "onednn", "blas"),
+    "trainer.precision": ("auto", "fp32", "bf16-mixed", "bf16-pure"),
+    "logger.backend": ("wandb", "none"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
+
+
+AT_LEAST_ONE = [
+    "loss.k",
+    "loss.chunk_tokens",
+    "loss.gap_bucket_tokens",
+    "rollout.n",
+    "rollout.max_new_tokens",
+    "rollout.max_prompt_tokens",
+    "trainer.max_steps",
+    "trainer.prompts_per_step",
+    "trainer.mini_batches",
+    "trainer.micro_batch_size",
+    "trainer.nproc_per_node",
+    "trainer.nnodes",
+    "trainer.rdzv_timeout",
+    "trainer.stop_timeout_s",
+    "teacher.micro_batch_size",
+    "eval.k",
+    "eval.n_problems",
+    "eval.max_new_tokens",
+    "eval.batch_size",
+    "task.answer_timeout_s",
+    "demo.num_layers",
+    "demo.teacher_steps",
+    "demo.batch_size",
+]
+
+
+AT_LEAST_ZERO = ["trainer.save_every", "trainer.warmup_steps", "eval.every", "demo.student_steps", "task.n_eval"]
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part] if isinstance(cfg, dict | DictConfig) else getattr(cfg, part)
+    return cfg
+
+
+def check_divergence(loss: Any) -> None:
+    """Combinations of the divergence knobs that have no meaning."""
+    if not 0 <= loss.beta <= 1:
+        raise UserError(f"loss.beta: must be in [0, 1], got {loss.beta}")
+    if loss.log_ratio_clip is not None and loss.log_ratio_clip <= 0:
+        raise UserError(f"loss.log_ratio_clip: must be > 0 or null, got {loss.log_ratio_clip}")
+    if loss.objective != "support_divergence":
+        return
+    if loss.tail and (loss.renormalize or loss.support not in ("teacher", "student")):
+        raise UserError("loss.tail: a tail bucket needs loss.renormalize=false and loss.support teacher or student")
+    if loss.tail and (loss.direction != "reverse" or loss.form != "direct"):
+        raise UserError("loss.tail: a tail bucket needs loss.direction=reverse and loss.form=direct")
+    if loss.stop_grad != "none" and (loss.direction != "reverse" or loss.form != "direct"):
+        raise UserError("loss.stop_grad: stop-gradient variants need loss.direction=reverse and loss.form=direct")
+    if loss.log_ratio_clip is not None and loss.direction != "reverse":
+        raise UserError("loss.log_ratio_clip: clamps the reverse KL's log-ratio; set loss.direction=reverse")
+    if loss.form == "pg" and loss.direction != "reverse":
+        raise UserError("loss.form: the policy-gradient form is a reverse KL; set loss.direction=reverse")
+    if loss.support == "full" and loss.teacher_values != "exact":
+        raise UserError("loss.teacher_values: the full support needs the teacher's exact log-probs ('exact')")
+
+
+def student_precision(cfg: Any) -> str:
+    """``trainer.precision`` with ``auto`` resolved from ``model.dtype``: fp32, bf16-mixed or bf16-pure.
+
+    ``auto`` never steps half-precision weights without a float32 master copy: a bfloat16
+    student trains bf16-mixed. bf16-pure happens only when asked for by name.
+    """
+    precision = cfg.trainer.precision
+    if precision != "auto":
+        return precision
+    if cfg.model.dtype == "float16":
+        raise UserError(
+            "model.dtype: float16 training needs loss scaling, which opd-train does not do; "
+            "use bfloat16 (trainer.precision=bf16-mixed) or float32"
+        )
+    return "fp32" if cfg.model.dtype == "float32" else "bf16-mixed"
+
+
+# the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
+PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
+
+
+COMPUTE_DTYPE = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-pure": "bfloat16"}
+
+
+def check_precision(cfg: Any) -> None:
+    """The student's precision and the engine's own mixed-precision keys must not disagree."""
+    precision = student_precision(cfg)
+    ds = cfg.trainer.deepspeed or {}
+    for key in ("bf16", "fp16"):
+        if key in ds:
+            raise UserError(
+                f"trainer.deepspeed.{key}: set trainer.precision instead (fp32, bf16-mixed or bf16-pure); "
+                "opd-train writes DeepSpeed's mixed-precision keys from it"
+            )
+    if precision == "bf16-pure" and cfg.trainer.engine == "deepspeed":
+        raise UserError(
+            "trainer.precision: bf16-pure (no float32 master weights) is for trainer.engine=torch; "
+            "DeepSpeed trains bf16 with float32 master weights: use bf16-mixed"
+        )
+
+
+def check_world(trainer: Any) -> None:
+    """Values that depend on the number of processes."""
+    world = trainer.nproc_per_node * trainer.nnodes
+    if world > 1 and trainer.engine != "deepspeed":
+        raise UserError(
+            f"trainer.engine: {world} processes need the deepspeed engine (trainer=zero1|zero2|zero3), "
+            f"not '{trainer.engine}'"
+        )
+    if trainer.prompts_per_step % world:
+        raise UserError(
+            f"trainer.prompts_per_step: {trainer.prompts_per_step} prompts cannot be split evenly over {world} processes"
+        )
+    if not 0 <= trainer.node_rank < trainer.nnodes:
+        raise UserError(f"trainer.node_rank: must be in [0, {trainer.nnodes}), got {trainer.node_rank}")
+    if not 0 <= trainer.master_port < 65536:
+        raise UserError(f"trainer.master_port: must be a port number (0: pick a free one), got {trainer.master_port}")
+    stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0) if trainer.deepspeed else 0
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"trainer.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage}")
+
+
+def check_question_regex(pattern: str | None) -> None:
+    """``task.question_regex`` must compile and name a group ``question``."""
+    if pattern is None:
+        return
+    try:
+        groups = re.compile(pattern).groupindex
+    except re.error as e:
+        raise UserError(f"task.question_regex: not a regular expression ({e})") from None
+    if "question" not in groups:
+        raise UserError("task.question_regex: needs a named group (?P<question>...)")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ``UserError`` naming the first key whose value is not allowed."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed)}")
+    for key in AT_LEAST_ONE:
+        if _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
+    for key in AT_LEAST_ZERO:
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}: must be >= 0, got {_get(cfg, key)}")
+    for key in ("rollout.top_p", "eval.top_p", "rollout.gpu_memory_utilization", "teacher.gpu_memory_utilization"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
+    for key in (
+        "rollout.temperature",
+        "eval.temperature",
+        "teacher.temperature",
+        "trainer.lr",
+        "trainer.max_grad_norm",
+    ):
+        if not _get(cfg, key) > 0:
+            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+    if not 0 <= cfg.loss.gamma <= 1:
+        raise UserError(f"loss.gamma: must be in [0, 1], got {cfg.loss.gamma}")
+    for key in ("loss.clip_ratio_low", "loss.clip_ratio_high"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.loss.entropy_top_ratio is not None and not 0 < cfg.loss.entropy_top_ratio <= 1:
+        raise UserError(f"loss.entropy_top_ratio: must be in (0, 1] or null, got {cfg.loss.entropy_top_ratio}")
+    if cfg.loss.entropy_top_ratio is not None and cfg.rollout.engine != "hf":
+        raise UserError("loss.entropy_top_ratio: needs the sampler's entropies, which rollout.engine=hf records")
+    if cfg.loss.diag_k is not None and cfg.loss.diag_k < 1:
+        raise UserError(f"loss.diag_k: must be an integer >= 1 or null, got {cfg.loss.diag_k}")
+    if cfg.loss.outcome_weight < 0:
+        raise UserError(f"loss.outcome_weight: must be >= 0, got {cfg.loss.outcome_weight}")
+    if not 0 < cfg.loss.tail_floor < 1:
+        raise UserError(f"loss.tail_floor: must be in (0, 1), got {cfg.loss.tail_floor}")
+    if cfg.loss.max_response_tokens is not None and cfg.loss.max_response_tokens < 1:
+        raise UserError(
+            f"loss.max_response_tokens: must be an integer >= 1 or null, got {cfg.loss.max_response_tokens}"
+        )
+    if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
+        raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
+    check_divergence(cfg.loss)
+    check_world(cfg.trainer)
+    check_precision(cfg)
+    if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
+        raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")
+    if cfg.teacher.url is not None and not cfg.teacher.url.startswith(("http://", "https://")):
+        raise UserError(f"teacher.url: must start with http:// or https://, got {cfg.teacher.url}")
+    if cfg.teacher.temperature != 1 and cfg.teacher.backend != "hf":
+        raise UserError("teacher.temperature: vLLM's prompt_logprobs are temperature-1 values; use teacher.backend=hf")
+    if cfg.teacher.shard and cfg.teacher.backend != "hf":
+        raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
+    if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
+        raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
+    if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
+        raise UserError(
+            f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
+        )
+    if cfg.task.eval_only:
+        where = cfg.task.path or cfg.task.dataset
+        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
+    if cfg.task.name == "hub" and not (cfg.task.dataset or cfg.task.path):
+        raise UserError("task.dataset: a hub task needs task.dataset or task.path")
+    if cfg.task.path and not Path(cfg.task.path).exists():
+        raise UserError(f"task.path: file not found: {cfg.task.path}")
+    if "{question}" not in cfg.task.template:
+        raise UserError("task.template: must contain '{question}'")
+    check_question_regex(cfg.task.question_regex)
+    if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
+        for name in cfg.eval.benchmarks:
+            task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", f"eval.benchmark_paths.{name}")
+    for key in ("model.name_or_path", "teacher.name_or_path"):
+        value = _get(cfg, key)
+        if value.startswith("demo:"):
+            if value not in ("demo:student", "demo:teacher"):
+                raise UserError(f"{key}: '{value}' is not one of: demo:student, demo:teacher")
+            if cfg.task.name != "arith":
+                raise UserError(f"{key}: the demo models are built for task=arith only")
+        elif looks_local(value) and not Path(value).expanduser().exists():
+            raise UserError(f"{key}: local model path not found: {value}")
+
+
+class ValidateCallback(Callback):
+    """Hydra callback: check the composed config before any run directory is made."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Hydra turns an exception raised in a callback into a warning and runs on,
+        # so a bad value must end the process here, before the run directory is made.
+        try:
+            validate(config)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        pass  # each job is checked in ``train`` with its sweep values filled in

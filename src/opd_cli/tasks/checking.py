@@ -1,0 +1,59 @@
+"""Answer checkers (``task.checker``): whether a response's final answer equals the gold one."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` in ``text`` (braces balanced), else None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def check_exact(response: str, answer: str) -> bool:
+    """Exact match of the last boxed answer (whitespace stripped)."""
+    got = last_boxed(response)
+    return got is not None and got.strip() == answer.strip()
+
+
+def check_math_verify(response: str, answer: str, timeout_s: int = 4) -> bool:
+    """Symbolic equivalence of the last boxed answer with math-verify, within ``timeout_s`` seconds.
+
+    math-verify normalizes LaTeX (``\\dfrac``, units, intervals, sets) and compares with
+    sympy. Parsing the response and comparing each get half the time (math-verify's own
+    alarm-based timeouts, so call it from the main thread); what times out counts as wrong.
+    """
+    from math_verify import parse, verify
+
+    got = last_boxed(response)
+    if got is None:
+        return False
+    half = max(1, timeout_s // 2)
+    try:
+        gold = parse(f"${answer}$", parsing_timeout=half)
+        return bool(verify(gold, parse(f"${got}$", parsing_timeout=half), timeout_seconds=half))
+    except Exception:  # unparsable or pathological input: a verdict of wrong, not a crash
+        return False
+
+
+CHECKERS = {"exact": check_exact, "math_verify": check_math_verify}
+
+
+def make_checker(task_cfg) -> Callable[[str, str], bool]:
+    """The task's answer check as ``check(response, gold) -> bool``."""
+    if task_cfg.checker == "math_verify":
+        return functools.partial(check_math_verify, timeout_s=task_cfg.answer_timeout_s)
+    return CHECKERS[task_cfg.checker]

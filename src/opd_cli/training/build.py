@@ -1,0 +1,92 @@
+"""Building a run's parts from its config: models, tokenizer, prompts, teacher, objective, trainer, rollout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precision
+from opd_cli.dist import Rank, barrier
+from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
+from opd_cli.objectives.masks import mask_token_ids
+from opd_cli.objectives.registry import make_objective
+from opd_cli.rollout.registry import make_rollout
+from opd_cli.tasks.checking import make_checker
+from opd_cli.tasks.prompts import format_prompt
+from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
+from opd_cli.training.data import prompt_length, training_prompts
+from opd_cli.training.evaluation import load_benchmarks
+from opd_cli.training.trainers import make_trainer
+
+
+def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
+    """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait."""
+    for turn in (True, False):
+        if rank.main == turn:
+            s_path = str(ckpt / "model") if ckpt else resolve_path(cfg.model.name_or_path, cfg)
+            t_path = resolve_path(cfg.teacher.name_or_path, cfg)
+        barrier()
+    return s_path, t_path
+
+
+@dataclass
+class Parts:
+    """Everything a training step needs, built from the config (see ``build``)."""
+
+    tokenizer: object
+    train_prompts: list[str]
+    answers: dict  # training prompt -> its gold answer (loss.outcome_weight)
+    eval_prompts: list[str]
+    teacher: object
+    teacher_sampler: object
+    objective: object
+    mask_ids: list[int]
+    checker: object
+    trainer: object
+    rollout: object
+    benchmarks: dict  # name -> (problems, prompts, checker), scored during training (eval.benchmarks)
+
+
+def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
+    """Load the models and make the engines, teacher and objective of a run (``opd-train`` and ``make bench``)."""
+    s_path, t_path = resolve_models(cfg, ckpt, rank)
+    s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
+    t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    precision = student_precision(cfg)
+    # bf16-mixed loads float32 weights: the engine keeps them as master weights and computes in bfloat16
+    cpu_linear = cfg.trainer.cpu_linear if COMPUTE_DTYPE[precision] == "float32" else "blas"
+    student = load_model(
+        s_path, "model.name_or_path", PARAM_DTYPE[precision], device, cfg.model.trust_remote_code, cpu_linear
+    )
+    train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
+    answers = {}
+    if cfg.loss.outcome_weight:
+        answers = {format_prompt(q, cfg.task, s_tok): q.answer for q in train_problems}
+    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
+    benchmarks = load_benchmarks(cfg, s_tok)
+    every_eval_prompt = eval_prompts + [q for _, prompts, _ in benchmarks.values() for q in prompts]
+    longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
+    max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
+    check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
+    objective = make_objective(cfg.loss, teacher.head)
+    check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
+    mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
+    trainer = make_trainer(student, cfg.trainer, rank, precision)
+    rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
+    return Parts(
+        s_tok,
+        train_prompts,
+        answers,
+        eval_prompts,
+        teacher,
+        teacher_sampler,
+        objective,
+        mask_ids,
+        make_checker(cfg.task),
+        trainer,
+        rollout,
+        benchmarks,
+    )

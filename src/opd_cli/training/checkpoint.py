@@ -1,0 +1,65 @@
+"""Checkpoint directories: written under a temporary name, then renamed into place.
+
+``<run_dir>/checkpoints/step_000100/`` holds ``model/`` (the student in HF format:
+safetensors, config, tokenizer), ``trainer_state.pt`` (step, scheduler, evaluation
+results so far, and the plain-torch optimizer), ``rng_rank<r>.pt`` per rank, and for
+the DeepSpeed engine ``deepspeed/`` (its own sharded module and optimizer state). A
+process killed mid-save leaves only a ``.tmp-step_*`` directory, so the previous
+checkpoint stays the latest complete one. The training engines (engines.py) fill
+the directory; this module names, commits and finds them. The test suite kills a
+save on purpose with ``OPD_TEST_KILL_BEFORE_COMMIT=step_<NNNNNN>``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PREFIX = "step_"
+
+
+STATE_FILE = "trainer_state.pt"
+
+
+def checkpoint_dirs(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary, final) directories of the checkpoint of ``step``."""
+    root = run_dir / "checkpoints"
+    return root / f".tmp-{_PREFIX}{step:06d}", root / f"{_PREFIX}{step:06d}"
+
+
+def commit(tmp: Path, final: Path) -> Path:
+    """Rename a fully written checkpoint into place (replacing one of the same step)."""
+    if os.environ.get("OPD_TEST_KILL_BEFORE_COMMIT") == final.name:
+        os.kill(os.getpid(), signal.SIGKILL)  # test hook: a process killed in the middle of a save
+    if final.exists():  # re-saving the same step (e.g. a resumed run's final save)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = run_dir / "checkpoints"
+    done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / STATE_FILE).exists())
+    return done[-1] if done else None
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, directory / f"rng_rank{rank}.pt")
+
+
+def load_rng(directory: Path, rank: int) -> None:
+    path = directory / f"rng_rank{rank}.pt"
+    if path.exists():  # a checkpoint written by fewer ranks: the extra ranks keep their seeded state
+        rng = torch.load(path, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(ckpt / STATE_FILE, weights_only=False)

@@ -1,0 +1,47 @@
+"""Which prompts a step trains on, and the seeds of each phase.
+
+Everything here is derived from the config and the step number alone, so a resumed run
+sees exactly the prompts and seeds it would have seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from opd_cli.errors import UserError
+from opd_cli.tasks.problems import Problem
+from opd_cli.tasks.prompts import format_prompt
+
+log = logging.getLogger(__name__)
+
+
+def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> list[str]:
+    """The prompts of training step ``step`` (1-based): seeded epochs, derived from the step alone.
+
+    Deriving the data position from the step makes resume exact without saving a cursor.
+    """
+    out = []
+    for pos in range((step - 1) * per_step, step * per_step):
+        epoch, i = divmod(pos, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        out.append(prompts[order[i]])
+    return out
+
+
+def prompt_length(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def training_prompts(problems: list[Problem], cfg, tokenizer) -> tuple[list[str], int]:
+    """The formatted training prompts, leaving out those longer than ``rollout.max_prompt_tokens``,
+    and the longest length kept."""
+    prompts = [format_prompt(p, cfg.task, tokenizer) for p in problems]
+    lengths = [prompt_length(tokenizer, p) for p in prompts]
+    fits = [p for p, n in zip(prompts, lengths, strict=True) if n <= cfg.rollout.max_prompt_tokens]
+    if len(fits) < len(prompts):
+        log.warning("%d prompts longer than rollout.max_prompt_tokens are left out", len(prompts) - len(fits))
+    if not fits:
+        raise UserError("rollout.max_prompt_tokens: every training prompt is longer than this")
+    return fits, max(n for n in lengths if n <= cfg.rollout.max_prompt_tokens)

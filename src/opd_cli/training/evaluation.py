@@ -1,0 +1,52 @@
+"""avg@k of a sampling engine on held-out problems and benchmarks (``opd-train`` and ``opd-eval``)."""
+
+from __future__ import annotations
+
+import torch
+
+from opd_cli.batch import chunk_bounds
+from opd_cli.tasks.checking import make_checker
+from opd_cli.tasks.problems import Problem, load_problems, task_config
+from opd_cli.tasks.prompts import format_prompt
+from opd_cli.tasks.scores import avg_at_k
+
+
+@torch.no_grad()
+def sample_correctness(
+    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int
+) -> list[list[bool]]:
+    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``."""
+    out: list[list[bool]] = []
+    per_call = max(1, ecfg.batch_size // ecfg.k)
+    for s, e in chunk_bounds(len(problems), per_call):
+        batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
+        texts = engine.decode_responses(batch)
+        for i in range(e - s):
+            out.append([checker(t, problems[s + i].answer) for t in texts[i * ecfg.k : (i + 1) * ecfg.k]])
+    return out
+
+
+def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int) -> float:
+    """avg@k accuracy of a sampling engine: mean correctness over ``eval.k`` samples per problem.
+
+    Every rank evaluates the same problems with the same seeds (so ZeRO-3 ranks run
+    the same forward passes); rank 0 reports.
+    """
+    return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed))
+
+
+def load_benchmarks(cfg, tokenizer) -> dict:
+    """The ``eval.benchmarks`` tasks: problems, prompts, checker.
+
+    Prompts take the training task's template and chat template settings, so the policy is
+    scored under the prompt it is trained on (as the papers evaluate during training).
+    """
+    out = {}
+    for name in cfg.eval.benchmarks:
+        path = cfg.eval.benchmark_paths.get(name)
+        tcfg = task_config(name, path, "eval.benchmarks", f"eval.benchmark_paths.{name}")
+        for key in ("template", "chat_template", "chat_template_kwargs"):
+            tcfg[key] = cfg.task[key]
+        problems = load_problems(tcfg)[1][: cfg.eval.n_problems]
+        out[name] = (problems, [format_prompt(p, tcfg, tokenizer) for p in problems], make_checker(tcfg))
+    return out
