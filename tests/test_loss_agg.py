@@ -8,6 +8,7 @@ accumulation and one optimizer step per mini-batch.
 """
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +21,8 @@ from opd_cli.objectives.inputs import token_inputs
 from opd_cli.objectives.registry import make_objective
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.teacher.hf import HFTeacher
-from opd_cli.training.loop import PhaseClock, update
+from opd_cli.training.clock import PhaseClock
+from opd_cli.training.loop import update
 from opd_cli.training.trainers import TorchTrainer
 
 from .conftest import REPO, perturbed_copy
@@ -132,17 +134,23 @@ def test_token_inputs_clip_the_reward_and_leave_out_long_responses(tiny_model, t
         assert x.weight[offsets[r] : offsets[r + 1]].eq(0 if n > limit else 1).all()
 
 
-def test_token_inputs_add_the_outcome_advantage(setup):
-    """Paper B adds the outcome's group advantage to every token's sampled-token advantage; a divergence
-    reads it from outcome_advantage and keeps its own advantage."""
-    _, batch, _, _, _ = setup
-    support = HFTeacher(perturbed_copy(setup[0]), 4, 1024).score(batch, 8)
+def test_outcome_advantage_reaches_the_objective(setup):
+    """token_inputs spreads each response's outcome advantage over its tokens and keeps the
+    sampled-token advantage apart; the sampled-token objective adds the two (paper B), so its loss
+    equals the loss of the summed advantage."""
+    model, batch, _, _, _ = setup
+    support = HFTeacher(perturbed_copy(model), 4, 1024).score(batch, 8)
     outcome = torch.arange(batch.input_ids.shape[0], dtype=torch.float64)
-    for objective in ("sampled_token", "support_divergence"):
-        cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"objective": objective})
-        plain, offsets = token_inputs(batch, support, [], cfg)
-        x, _ = token_inputs(batch, support, [], cfg, outcome)
-        per_token = torch.repeat_interleave(outcome, offsets.diff())
-        torch.testing.assert_close(x.outcome_advantage, per_token.to(x.outcome_advantage.dtype))
-        added = per_token if objective == "sampled_token" else 0 * per_token
-        torch.testing.assert_close(x.advantage, plain.advantage + added.to(plain.advantage.dtype))
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"objective": "sampled_token"})
+    plain, offsets = token_inputs(batch, support, [], cfg)
+    x, _ = token_inputs(batch, support, [], cfg, outcome)
+    per_token = torch.repeat_interleave(outcome, offsets.diff()).to(x.advantage.dtype)
+    torch.testing.assert_close(x.outcome_advantage, per_token)
+    torch.testing.assert_close(x.advantage, plain.advantage)
+    objective = make_objective(cfg)
+    hidden = torch.randn(x.target.shape[0], model.config.hidden_size, dtype=torch.float64)
+    weight = lm_head_weight(model).detach().double()
+    with_outcome, _ = objective.token_loss(hidden, weight, x)
+    summed = replace(x, advantage=x.advantage + per_token, outcome_advantage=None)
+    torch.testing.assert_close(with_outcome, objective.token_loss(hidden, weight, summed)[0])
+    assert not torch.allclose(with_outcome, objective.token_loss(hidden, weight, plain)[0])

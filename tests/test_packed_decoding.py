@@ -77,8 +77,7 @@ def random_batch(seed=0, n_prompts=3, n=3):
             response[r, end] = EOS
             response[r, end + 1 :] = PAD
     logps = torch.zeros(response.shape)
-    rep = (ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0))
-    return build_batch(*rep, response, logps, EOS, n_prompts, n)
+    return build_batch(ids, attn, response, logps, EOS, n)
 
 
 def per_row_reference(model, batch):

@@ -8,6 +8,7 @@ layout, masks, the sampler's log-probs); a teacher backend returns a ``TeacherSu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -93,20 +94,22 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
 
 
 def build_batch(
-    ids: torch.Tensor,
-    attn: torch.Tensor,
+    prompt_ids: torch.Tensor,
+    prompt_attn: torch.Tensor,
     response: torch.Tensor,
     logps: torch.Tensor,
     eos_id: int,
-    n_prompts: int,
     n: int,
     entropy: torch.Tensor | None = None,
 ) -> RolloutBatch:
-    """A ``RolloutBatch`` from left-padded prompts ``[B, P]`` and right-padded responses ``[B, T]``.
+    """A ``RolloutBatch`` from left-padded prompts ``[n_prompts, P]`` and their ``n`` right-padded
+    responses each, ``[n_prompts * n, T]`` (a prompt's responses in adjacent rows).
 
     ``logps`` (and ``entropy``, if recorded) hold the sampler's log-prob of each response
     token (its distribution's entropy); anything after a row's first EOS is padding.
     """
+    n_prompts = prompt_ids.shape[0]
+    ids, attn = prompt_ids.repeat_interleave(n, 0), prompt_attn.repeat_interleave(n, 0)
     resp_mask, truncated = response_mask_from(response, eos_id)
     B, P = ids.shape
     zeros = torch.zeros((B, P), dtype=torch.bool)
@@ -122,6 +125,15 @@ def build_batch(
         prompt_len=P,
         entropy=entropy,
     )
+
+
+class TokenizerDecoding:
+    """``decode_responses`` for a sampler that holds the tokenizer it encoded the prompts with."""
+
+    tokenizer: Any
+
+    def decode_responses(self, batch: RolloutBatch) -> list[str]:
+        return decode_responses(self.tokenizer, batch)
 
 
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:

@@ -6,6 +6,7 @@ and on many GPUs.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -94,6 +95,14 @@ def all_keys(keys: list[str]) -> list[str]:
     gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, sorted(keys))
     return sorted(set().union(*gathered))
+
+
+def all_reduce_named(values: dict[str, float], op: str = "sum") -> dict[str, float]:
+    """Sum (or max) named floats across ranks, in one reduction; a name some rank lacks counts as 0
+    (sum) or is left out of its maximum."""
+    keys = all_keys(list(values))
+    missing = 0.0 if op == "sum" else -math.inf
+    return dict(zip(keys, all_reduce([values.get(k, missing) for k in keys], op=op), strict=True))
 
 
 def shard(items: list, rank: Rank) -> list:

@@ -1,4 +1,19 @@
-"""The one exception type that means "the user gave us something wrong"."""
+"""Bad input and stop requests: the exceptions, and how a command ends on them.
+
+Every command ends the same way on them (``one_line_errors``): bad input is one line
+``error: ...`` on stderr and exit code 2, no traceback; a stop request (SIGTERM) after its
+checkpoint is one line and exit code 143.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after saving a checkpoint
 
 
 class UserError(Exception):
@@ -9,11 +24,29 @@ class UserError(Exception):
     """
 
 
-EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request, after saving a checkpoint
-
-
 class Stopped(Exception):
     """Raised after the checkpoint of a stop request (SIGTERM) is saved; carries the step."""
 
     def message(self) -> str:
         return f"error: stopped by SIGTERM after saving step {self}; resume with trainer.resume=true"
+
+
+def fail(message: str, show: bool = True) -> NoReturn:
+    """End the process on bad input: ``error: <message>`` (unless ``show`` is false), exit code 2."""
+    if show:
+        print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def one_line_errors(show: bool = True) -> Iterator[None]:
+    """End the process on a ``UserError`` or ``Stopped`` raised inside the block, with one line
+    (printed only where ``show``: e.g. one rank of many) and its exit code."""
+    try:
+        yield
+    except UserError as e:
+        fail(str(e), show)
+    except Stopped as e:
+        if show:
+            print(e.message(), file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED) from None

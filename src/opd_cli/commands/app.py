@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config.schema import register_configs
-from opd_cli.errors import UserError
+from opd_cli.errors import fail, one_line_errors
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
-
-
-EXIT_BAD_INPUT = 2
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 def describe_config_error(err: Exception) -> str:
@@ -46,9 +37,8 @@ def run_app(hydra_main) -> None:
     # input becomes one line; real crashes still print their full traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     register_configs()
-    try:
-        hydra_main()
-    except UserError as e:
-        fail(str(e))
-    except (HydraException, OmegaConfBaseException) as e:
-        fail(describe_config_error(e))
+    with one_line_errors():
+        try:
+            hydra_main()
+        except (HydraException, OmegaConfBaseException) as e:
+            fail(describe_config_error(e))

@@ -15,9 +15,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from opd_cli.commands.app import CONF_DIR, fail, run_app
+from opd_cli.commands.app import CONF_DIR, run_app
 from opd_cli.dist import Rank, pick_device
-from opd_cli.errors import UserError
+from opd_cli.errors import UserError, one_line_errors
 from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
 from opd_cli.models.vllm import make_llm
 from opd_cli.rollout.hf import HFRollout
@@ -96,10 +96,8 @@ def write_results(out_dir: Path, model: str, results: dict) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         results = run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except UserError as e:
-        fail(str(e))
     print(json.dumps(results, indent=2))
 
 

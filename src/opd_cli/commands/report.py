@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from opd_cli.analysis.report import write_report
+from opd_cli.errors import fail
 
 
 def main() -> None:
@@ -15,8 +16,7 @@ def main() -> None:
     try:
         report = write_report(Path(sys.argv[1]))
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     print(report)
 
 

@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 
 from opd_cli.config.schema import register_configs
 from opd_cli.config.validate import validate
-from opd_cli.errors import UserError
+from opd_cli.errors import one_line_errors
 from opd_cli.models.loading import resolve_path
 
 
@@ -44,13 +44,9 @@ def main() -> None:
     conf = Path(__file__).resolve().parents[3] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train", overrides=sys.argv[1:])
-    try:
+    with one_line_errors():
         validate(cfg)
-
         path = resolve_path(cfg.teacher.name_or_path, cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cmd = server_command(cfg, path)
     print(" ".join(cmd), file=sys.stderr, flush=True)

@@ -11,15 +11,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from opd_cli.analysis.variance_study import run_study
-from opd_cli.commands.app import CONF_DIR, fail, run_app
-from opd_cli.errors import UserError
+from opd_cli.commands.app import CONF_DIR, run_app
+from opd_cli.errors import UserError, fail
 
 STUDIES = ("variance",)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="study_variance", version_base="1.3")
 def _variance(cfg: DictConfig) -> None:
-
     if cfg.batch % cfg.micro_batches or min(cfg.batch, cfg.micro_batches, cfg.horizon, cfg.iterations) < 1:
         raise UserError("micro_batches: must divide batch (and batch, horizon, iterations must be >= 1)")
     if not cfg.gammas or any(not 0 <= g <= 1 for g in cfg.gammas):

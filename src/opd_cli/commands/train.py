@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from opd_cli.commands.app import CONF_DIR, fail, run_app
-from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
+from opd_cli.commands.app import CONF_DIR, run_app
+from opd_cli.errors import one_line_errors
 from opd_cli.training.launch import launch
 from opd_cli.training.loop import train
 
@@ -36,16 +36,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     cfg.logger.group, cfg.logger.tags = sweep_group_and_tags(
         cfg.logger.group, list(cfg.logger.tags), hc.mode == RunMode.MULTIRUN, hc.sweep.dir, list(hc.overrides.task)
     )
-    try:
+    with one_line_errors():
         if cfg.trainer.nproc_per_node * cfg.trainer.nnodes > 1:
             launch(cfg, run_dir)  # the ranks run opd_cli.commands.worker on the saved, resolved config
         else:
             train(cfg, run_dir)
-    except UserError as e:
-        fail(str(e))
-    except Stopped as e:
-        print(e.message(), file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
 
 
 def main() -> None:

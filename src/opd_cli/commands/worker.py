@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from opd_cli.config.schema import TrainConfig
 from opd_cli.dist import leave_process_group, this_rank
-from opd_cli.errors import EXIT_STOPPED, Stopped, UserError
+from opd_cli.errors import one_line_errors
 from opd_cli.training.loop import train
 
 
@@ -32,15 +32,10 @@ def main() -> None:
 
     code = 0
     try:
-        train(cfg, run_dir)
-    except UserError as e:
-        if rank.main:
-            print(f"error: {e}", file=sys.stderr)
-        code = 2
-    except Stopped as e:
-        if rank.main:
-            print(e.message(), file=sys.stderr)
-        code = EXIT_STOPPED
+        with one_line_errors(show=rank.main):  # every rank raises it; one prints
+            train(cfg, run_dir)
+    except SystemExit as e:
+        code = e.code
     leave_process_group()  # after a run or an error every rank raised, not after a crash
     sys.exit(code)
 

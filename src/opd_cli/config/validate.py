@@ -9,48 +9,48 @@ registries.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from opd_cli.errors import UserError
-from opd_cli.models.loading import looks_local
+from opd_cli.errors import UserError, one_line_errors
+from opd_cli.models.loading import DTYPES, looks_local
 from opd_cli.objectives.advantages import AGG_MODES
+from opd_cli.objectives.divergence import KNOB_CHOICES
+from opd_cli.objectives.masks import MASK_MODES
+from opd_cli.objectives.registry import OBJECTIVES
+from opd_cli.rollout.registry import ROLLOUT_ENGINES
+from opd_cli.tasks.checking import CHECKERS
 from opd_cli.tasks.problems import task_config
+from opd_cli.teacher.registry import TEACHER_BACKENDS
 
-# supports of the general divergence (objectives.support_slots)
-SUPPORTS = ("teacher", "student", "union", "intersection", "symdiff", "full")
+# the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
+PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
+COMPUTE_DTYPE = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-pure": "bfloat16"}
 
-
+# the keys that pick a part take the names of that part's registry; the divergence knobs the
+# values DivergenceSpec defines
 CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.objective": ("sampled_token", "sampled_token_is", "support_divergence"),
-    "loss.support": SUPPORTS,
-    "loss.stop_grad": ("none", "log_ratio", "student_log"),
-    "loss.direction": ("reverse", "forward", "jsd"),
-    "loss.form": ("direct", "pg"),
-    "loss.teacher_values": ("exact", "topk_fill"),
-    "loss.pg_weight": ("student_p", "teacher_p", "none"),
-    "loss.mask_mode": ("first", "all"),
+    "loss.objective": tuple(OBJECTIVES),
+    **{f"loss.{knob}": values for knob, values in KNOB_CHOICES.items()},
+    "loss.mask_mode": MASK_MODES,
     "loss.agg": AGG_MODES,
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.dtype": ("float32", "bfloat16", "float16"),
-    "teacher.backend": ("hf", "vllm"),
-    "rollout.engine": ("hf", "vllm"),
+    "model.dtype": tuple(DTYPES),
+    "teacher.dtype": tuple(DTYPES),
+    "teacher.backend": tuple(TEACHER_BACKENDS),
+    "rollout.engine": tuple(ROLLOUT_ENGINES),
     "task.name": ("arith", "hub"),
-    "task.checker": ("exact", "math_verify"),
+    "task.checker": tuple(CHECKERS),
     "trainer.engine": ("torch", "deepspeed"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "trainer.lr_schedule": ("constant", "cosine"),
     "trainer.cpu_linear": ("auto", "onednn", "blas"),
-    "trainer.precision": ("auto", "fp32", "bf16-mixed", "bf16-pure"),
+    "trainer.precision": ("auto", *PARAM_DTYPE),
     "logger.backend": ("wandb", "none"),
     "logger.mode": ("offline", "online", "disabled"),
 }
-
-
 AT_LEAST_ONE = [
     "loss.k",
     "loss.chunk_tokens",
@@ -124,13 +124,6 @@ def student_precision(cfg: Any) -> str:
             "use bfloat16 (trainer.precision=bf16-mixed) or float32"
         )
     return "fp32" if cfg.model.dtype == "float32" else "bf16-mixed"
-
-
-# the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
-PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
-
-
-COMPUTE_DTYPE = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-pure": "bfloat16"}
 
 
 def check_precision(cfg: Any) -> None:
@@ -274,11 +267,8 @@ class ValidateCallback(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns an exception raised in a callback into a warning and runs on,
         # so a bad value must end the process here, before the run directory is made.
-        try:
+        with one_line_errors():
             validate(config)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         pass  # each job is checked in ``train`` with its sweep values filled in

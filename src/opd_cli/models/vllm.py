@@ -100,6 +100,28 @@ def make_llm(
     )
 
 
+def colocated_engine(
+    path: str,
+    dtype: str,
+    max_model_len: int,
+    max_logprobs: int,
+    memory: float,
+    seed: int,
+    ranks: bool,
+    sleep: bool | None,
+    level: int,
+    key: str,
+) -> EngineMemory:
+    """A vLLM engine in this process (``make_llm``) and its sleep-mode handle.
+
+    ``sleep`` is the config's ``<part>.sleep`` (named ``key`` in errors); where sleep mode is
+    on, the engine sleeps at ``level`` between phases (``EngineMemory``). The engine is
+    ``EngineMemory.llm``.
+    """
+    level = sleep_level(sleep, level, key)
+    return EngineMemory(make_llm(path, dtype, max_model_len, max_logprobs, memory, seed, ranks, level > 0), level)
+
+
 def _push(worker, state_dict) -> bool:
     """Runs inside the engine's worker: reload the weights in place (vLLM repacks them as at load time)."""
     worker.reload_weights(weights_iterator=iter(state_dict.items()))

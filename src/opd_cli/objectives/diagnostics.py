@@ -49,6 +49,18 @@ class MetricSums:
             self.sums[name] = self.sums.get(name, 0.0) + other.sums[name]
             self.weights[name] = self.weights.get(name, 0.0) + other.weights[name]
 
+    def named(self) -> dict[str, float]:
+        """The sums and weights as one flat dict (``sum/<metric>``, ``weight/<metric>``), e.g. to reduce across ranks."""
+        return {**{f"sum/{k}": v for k, v in self.sums.items()}, **{f"weight/{k}": v for k, v in self.weights.items()}}
+
+    @classmethod
+    def from_named(cls, named: dict[str, float]) -> MetricSums:
+        """The inverse of ``named`` (other keys are ignored)."""
+        out = cls()
+        out.sums = {k.removeprefix("sum/"): v for k, v in named.items() if k.startswith("sum/")}
+        out.weights = {k.removeprefix("weight/"): v for k, v in named.items() if k.startswith("weight/")}
+        return out
+
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
 

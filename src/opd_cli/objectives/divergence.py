@@ -8,10 +8,11 @@ Every objective except the sampled-token ones is one ``SupportDivergence`` with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from opd_cli.objectives import policy_gradient
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.inputs import TokenInputs
 from opd_cli.objectives.math import (
@@ -29,6 +30,16 @@ from opd_cli.objectives.math import (
     upcast,
 )
 from opd_cli.objectives.policy_gradient import PolicyGradient
+
+# the allowed values of each DivergenceSpec knob that is a choice (loss.<knob> in the config)
+KNOB_CHOICES: dict[str, tuple[str, ...]] = {
+    "support": ("teacher", "student", "union", "intersection", "symdiff", "full"),
+    "stop_grad": ("none", "log_ratio", "student_log"),
+    "direction": ("reverse", "forward", "jsd"),
+    "form": ("direct", "pg"),
+    "teacher_values": ("exact", "topk_fill"),
+    "pg_weight": ("student_p", "teacher_p", "none"),
+}
 
 
 @dataclass(frozen=True)
@@ -188,5 +199,14 @@ class WithOutcome(Objective):
 
     def token_loss(self, hidden, weight, x):
         loss, flags = self.base.token_loss(hidden, weight, x)
-        extra, _ = self.outcome.token_loss(hidden, weight, replace(x, advantage=x.outcome_advantage))
+        outcome_only = replace(x, advantage=x.outcome_advantage, outcome_advantage=None)
+        extra, _ = self.outcome.token_loss(hidden, weight, outcome_only)
         return loss + extra, flags
+
+
+def build(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
+    """``loss.objective=support_divergence``: the ``DivergenceSpec`` the loss config sets; with
+    ``loss.outcome_weight`` a PPO term on the outcome advantage is added (``WithOutcome``)."""
+    spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
+    objective = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
+    return WithOutcome(objective, policy_gradient.build(loss_cfg)) if loss_cfg.outcome_weight else objective

@@ -56,9 +56,9 @@ def token_inputs(
 ) -> tuple[TokenInputs, torch.Tensor]:
     """Flat per-token inputs of a batch, and row offsets into them ([B + 1]).
 
-    ``outcome [B]`` is each response's weighted outcome advantage (``loss.outcome_weight``): a
-    sampled-token objective gets it added to every token's advantage (paper B), a divergence
-    reads it from ``outcome_advantage``.
+    ``outcome [B]`` is each response's weighted outcome advantage (``loss.outcome_weight``),
+    spread over its tokens as ``outcome_advantage``: a sampled-token objective adds it to every
+    token's advantage (paper B), a divergence gets a PPO term on it (``WithOutcome``).
     """
     rm = batch.response_mask
     keep = special_token_keep(batch.input_ids, rm, mask_ids, loss_cfg.mask_mode)
@@ -72,8 +72,6 @@ def token_inputs(
     rewards[rm] = log_ratio * keep
     advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
     per_token = None if outcome is None else outcome.to(advantage.dtype)[:, None].expand(rm.shape)[rm]
-    if per_token is not None and loss_cfg.objective != "support_divergence":
-        advantage = advantage + per_token
     x = TokenInputs(
         target=batch.input_ids[rm],
         weight=keep,

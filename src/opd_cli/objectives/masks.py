@@ -13,6 +13,9 @@ import torch
 
 from opd_cli.errors import UserError
 
+# loss.mask_mode: mask the first occurrence of each token in each response (paper A), or every one
+MASK_MODES = ("first", "all")
+
 
 def special_token_keep(
     input_ids: torch.Tensor, response_mask: torch.Tensor, token_ids: list[int], mode: str

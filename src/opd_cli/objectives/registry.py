@@ -1,36 +1,31 @@
-"""The objective families by name (``loss.objective``), and the objective a loss config describes."""
+"""The objective families by name (``loss.objective``), and the objective a loss config describes.
+
+A family is a module with ``build(loss_cfg, teacher_head) -> Objective``; adding one is that
+module plus one line in ``OBJECTIVES`` (docs/design.md shows a worked example). The config's
+allowed values of ``loss.objective`` are this registry's keys.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from opd_cli.objectives import divergence, policy_gradient
 from opd_cli.objectives.base import Objective
-from opd_cli.objectives.divergence import DivergenceSpec, SupportDivergence, WithOutcome
-from opd_cli.objectives.policy_gradient import PolicyGradient
+
+# loss.objective -> the builder of that family's objective from the loss config (and the teacher's head)
+OBJECTIVES: dict[str, Callable[[Any, torch.Tensor | None], Objective]] = {
+    "sampled_token": policy_gradient.build,
+    "sampled_token_is": policy_gradient.build,
+    "support_divergence": divergence.build,
+}
 
 
 def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
-    """The objective a ``loss`` config describes (``teacher_head``: for objectives needing the full q).
-
-    With ``loss.outcome_weight`` a sampled-token objective finds the outcome advantage already
-    in ``x.advantage`` (paper B adds the two); a divergence gets a PPO term of its own (``WithOutcome``).
-    """
-    pg = PolicyGradient(
-        name=loss_cfg.name,
-        clip=loss_cfg.objective != "sampled_token_is",
-        clip_low=loss_cfg.clip_ratio_low,
-        clip_high=loss_cfg.clip_ratio_high,
-        dual_clip=loss_cfg.dual_clip,
-    )
-    if loss_cfg.objective in ("sampled_token", "sampled_token_is"):
-        objective = pg
-    else:
-        spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
-        objective = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
-        objective = WithOutcome(objective, pg) if loss_cfg.outcome_weight else objective
+    """The objective a ``loss`` config describes (``teacher_head``: for objectives needing the full q)."""
+    objective = OBJECTIVES[loss_cfg.objective](loss_cfg, teacher_head)
     objective.diag_k = loss_cfg.diag_k or loss_cfg.k
     return objective
 

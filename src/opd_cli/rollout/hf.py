@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, build_batch, decode_responses, encode_prompts, position_ids
+from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, position_ids
 from opd_cli.dist import all_reduce
 from opd_cli.models.decoding import prefill
 
@@ -83,7 +83,7 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 @torch.no_grad()
 def sample_responses(
-    model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, synced=False, entropy=False
+    model, ids, attn, n, temperature, top_p, max_new_tokens, eos, pad, generator, sharded=False, entropy=False
 ):
     """``n`` responses per left-padded prompt, ``[B * n, T]`` ids, their log-probs, and (``entropy``) the
     entropy of each step's temperature-1 distribution (else None).
@@ -91,13 +91,13 @@ def sample_responses(
     The prompts are prefilled once and their keys and values repeated ``n`` times
     (``opd_cli.models.decoding``: a preallocated buffer per layer). Rows that
     finished are dropped from the batch once they are a quarter of it. Each step the
-    sampled token's full-vocabulary temperature-1 log-prob is recorded. ``synced``
+    sampled token's full-vocabulary temperature-1 log-prob is recorded. ``sharded``
     (ZeRO-3): keep running forward passes until every rank is done.
     """
 
     device = ids.device
     pos = position_ids(attn)
-    decoder, logits = prefill(model, ids, attn, pos, ids.shape[1] + max_new_tokens, lean=not synced)
+    decoder, logits = prefill(model, ids, attn, pos, ids.shape[1] + max_new_tokens, lean=not sharded)
     rows = torch.arange(ids.shape[0] * n, device=device)  # output row of each decoder row
     decoder.select(rows // n)
     logits, pos = logits.repeat_interleave(n, 0), pos[:, -1:].repeat_interleave(n, 0)
@@ -116,7 +116,7 @@ def sample_responses(
             ents[rows, t] = -(logp_all.exp() * logp_all).sum(-1).where(live, 0.0)
         live &= tok != eos
         n_live = int(live.sum())
-        if t == max_new_tokens - 1 or not (all_reduce([float(n_live)], op="max")[0] if synced else n_live):
+        if t == max_new_tokens - 1 or not (all_reduce([float(n_live)], op="max")[0] if sharded else n_live):
             break
         # compact: drop finished rows (not all of them: with none live, a ZeRO-3 rank steps on for the others)
         if 0 < n_live and n_live * 4 <= live.shape[0] * 3:
@@ -128,14 +128,14 @@ def sample_responses(
     return tokens[:, : t + 1], logps[:, : t + 1], None if ents is None else ents[:, : t + 1]
 
 
-class HFRollout:
+class HFRollout(TokenizerDecoding):
     """Sampling from the live transformers model with ``sample_responses`` (our decoding loop)."""
 
-    def __init__(self, model, tokenizer, synced: bool = False, entropy: bool = False) -> None:
+    def __init__(self, model, tokenizer, sharded: bool = False, entropy: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         # ZeRO-3: every rank keeps running forward passes until all ranks are done (HF's synced_gpus)
-        self.synced = synced
+        self.sharded = sharded
         # record each response token's sampler entropy (loss.entropy_top_ratio)
         self.entropy = entropy
 
@@ -157,21 +157,17 @@ class HFRollout:
         self.model.eval()
         # inference mode skips autograd's bookkeeping (~5 % of a demo rollout); not under ZeRO-3,
         # whose parameter gathering must not create inference tensors
-        with torch.inference_mode(not self.synced):
+        with torch.inference_mode(not self.sharded):
             response, logps, ents = sample_responses(
                 self.model, ids.to(device), attn.to(device), n, temperature, top_p, max_new_tokens,
-                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.synced, self.entropy,
+                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator, self.sharded, self.entropy,
             )  # fmt: skip
         self.model.train(was_training)
-        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         ents = None if ents is None else ents.cpu()
-        return build_batch(ids, attn, response.cpu(), logps.cpu(), self.tokenizer.eos_token_id, len(prompts), n, ents)
-
-    def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        return decode_responses(self.tokenizer, batch)
+        return build_batch(ids, attn, response.cpu(), logps.cpu(), self.tokenizer.eos_token_id, n, ents)
 
     def release(self) -> None:
         """Nothing to do: this engine holds no memory of its own."""
 
-    def sync(self, model, zero3: bool) -> None:
+    def sync(self, model, sharded: bool) -> None:
         """Nothing to do: this engine samples from the live model."""

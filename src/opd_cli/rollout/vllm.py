@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, build_batch, decode_responses, encode_prompts
+from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts
 from opd_cli.models.vllm import EngineMemory, _push
 
 
-class VLLMRollout:
+class VLLMRollout(TokenizerDecoding):
     """Sampling with vLLM: one request per sample, each with its own seed.
 
     ``memory`` (sleep mode): ``release()`` after a training rollout gives the engine's GPU
     memory back until ``sync`` brings the next weights.
     """
 
-    synced = False
+    sharded = False
 
     def __init__(self, llm, tokenizer, memory: EngineMemory | None = None) -> None:
         self.llm = llm
@@ -63,18 +63,14 @@ class VLLMRollout:
             logps[r, : len(c.token_ids)] = torch.tensor(
                 [d[t].logprob for d, t in zip(c.logprobs, c.token_ids, strict=True)]
             )
-        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
-        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, len(prompts), n)
+        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, n)
 
-    def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        return decode_responses(self.tokenizer, batch)
-
-    def sync(self, model, gather_zero3: bool = False) -> None:
+    def sync(self, model, sharded: bool = False) -> None:
         """Load the student's current weights into the engine (gathered from ZeRO-3 shards first)."""
 
         import deepspeed
 
-        params = list(model.parameters()) if gather_zero3 else []
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather_zero3):
+        params = list(model.parameters()) if sharded else []
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=sharded):
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))

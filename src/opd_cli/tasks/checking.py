@@ -49,11 +49,15 @@ def check_math_verify(response: str, answer: str, timeout_s: int = 4) -> bool:
         return False
 
 
-CHECKERS = {"exact": check_exact, "math_verify": check_math_verify}
+# check(response, gold) -> whether the response's final answer is the gold one
+Checker = Callable[[str, str], bool]
+# task.checker -> the check (keyword arguments from the task config: task.answer_timeout_s)
+CHECKERS: dict[str, Callable[..., bool]] = {"exact": check_exact, "math_verify": check_math_verify}
+# task.checker -> the task config's keys it takes, as keyword argument -> config key
+CHECKER_OPTIONS: dict[str, dict[str, str]] = {"math_verify": {"timeout_s": "answer_timeout_s"}}
 
 
-def make_checker(task_cfg) -> Callable[[str, str], bool]:
+def make_checker(task_cfg) -> Checker:
     """The task's answer check as ``check(response, gold) -> bool``."""
-    if task_cfg.checker == "math_verify":
-        return functools.partial(check_math_verify, timeout_s=task_cfg.answer_timeout_s)
-    return CHECKERS[task_cfg.checker]
+    options = {arg: getattr(task_cfg, key) for arg, key in CHECKER_OPTIONS.get(task_cfg.checker, {}).items()}
+    return functools.partial(CHECKERS[task_cfg.checker], **options) if options else CHECKERS[task_cfg.checker]

@@ -30,4 +30,6 @@ def mean_pass_at_k(correct: list[list[bool]], k: int) -> float:
 
 
 def gap_recovery(acc: float, teacher: float, baseline: float) -> float | None:
-    return (acc - baseline) / (teacher - baseline) if teacher != baseline else None
+    """The share of the teacher's lead over the baseline the student recovered: ``(acc - baseline) /
+    (teacher - baseline)``; None where the teacher is not better than the baseline (no gap to recover)."""
+    return (acc - baseline) / (teacher - baseline) if teacher > baseline else None

@@ -64,7 +64,7 @@ class HFTeacher:
         self.temperature = temperature
         self.vocab_size = lm_head_weight(model).shape[0]
         self.scorer = TeacherScorer(self.model, temperature)
-        self.synced_generation = shard
+        self.sharded = shard
         if shard:
             import deepspeed
 

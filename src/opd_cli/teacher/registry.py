@@ -1,12 +1,23 @@
-"""The teacher backends by name (``teacher.backend``), and the check that one supplies what the objective needs."""
+"""The teacher backends by name (``teacher.backend``), and the check that one supplies what the objective needs.
+
+A backend is built from the config, the teacher's path, its tokenizer, the device and the
+longest sequence it must score; it returns the ``TeacherBackend``, a ``Sampler`` for the
+teacher's own evaluation, and the number of rows of the teacher's LM head (checked against
+the student's). Adding one is a module keeping the ``TeacherBackend`` contract
+(``opd_cli.contracts``) and one line in ``TEACHER_BACKENDS``.
+"""
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
+import torch
+from transformers import AutoConfig
+
+from opd_cli.contracts import Sampler, TeacherBackend
 from opd_cli.errors import UserError
 from opd_cli.models.loading import lm_head_weight, load_model
-from opd_cli.models.vllm import EngineMemory, make_llm, sleep_level
+from opd_cli.models.vllm import colocated_engine
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.rollout.hf import HFRollout
@@ -14,6 +25,8 @@ from opd_cli.rollout.vllm import VLLMRollout
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.teacher.server import VLLMServerTeacher
 from opd_cli.teacher.vllm import VLLMTeacher
+
+Built = tuple[TeacherBackend, Sampler, int]
 
 
 def check_teacher_supplies(objective: Objective, supplies: frozenset[str], backend: str) -> None:
@@ -25,37 +38,35 @@ def check_teacher_supplies(objective: Objective, supplies: frozenset[str], backe
         )
 
 
-def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int):
-    """The teacher backend, a sampler for its evaluation, and its vocabulary size."""
-    if cfg.teacher.url:
-        from transformers import AutoConfig
-
-        server = VLLMServerTeacher(cfg.teacher.url, tokenizer)
-        rows = AutoConfig.from_pretrained(path, trust_remote_code=cfg.teacher.trust_remote_code).vocab_size
-        return server, server, rows
-    if cfg.teacher.backend == "vllm":
-        memory, ranks = cfg.teacher.gpu_memory_utilization, cfg.trainer.engine == "deepspeed"
-        level = sleep_level(cfg.teacher.sleep, 1, "teacher.sleep")
-        # scoring reads prompt + response and asks for one more token
-        llm = make_llm(
-            path,
-            cfg.teacher.dtype,
-            max_len + 1,
-            max(20, teacher_k(cfg.loss)),
-            memory,
-            cfg.trainer.seed,
-            ranks,
-            level > 0,
-        )
-        rows = llm.llm_engine.model_config.get_vocab_size()
-        engine_memory = EngineMemory(llm, level)
-        return VLLMTeacher(llm, engine_memory), VLLMRollout(llm, tokenizer, engine_memory), rows
-    model = load_model(
-        path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code, cfg.trainer.cpu_linear
-    )
+def hf_backend(cfg, path: str, tokenizer, device: torch.device, max_len: int) -> Built:
+    """The teacher as an in-process transformers model (optionally ZeRO-3 sharded: ``teacher.shard``)."""
+    tc = cfg.teacher
+    model = load_model(path, "teacher.name_or_path", tc.dtype, device, tc.trust_remote_code, cfg.trainer.cpu_linear)
     rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
-    teacher = HFTeacher(
-        model, cfg.teacher.micro_batch_size, cfg.loss.chunk_tokens, cfg.teacher.shard, cfg.teacher.temperature
-    )
-    sampler = HFRollout(model, tokenizer, synced=teacher.synced_generation)
-    return teacher, sampler, rows
+    teacher = HFTeacher(model, tc.micro_batch_size, cfg.loss.chunk_tokens, tc.shard, tc.temperature)
+    return teacher, HFRollout(model, tokenizer, sharded=teacher.sharded), rows
+
+
+def vllm_backend(cfg, path: str, tokenizer, device: torch.device, max_len: int) -> Built:
+    """An in-process vLLM engine, or the server at ``teacher.url``."""
+    tc = cfg.teacher
+    if tc.url:
+        server = VLLMServerTeacher(tc.url, tokenizer)
+        return server, server, AutoConfig.from_pretrained(path, trust_remote_code=tc.trust_remote_code).vocab_size
+    ranks = cfg.trainer.engine == "deepspeed"
+    # scoring reads prompt + response and asks for one more token
+    memory = colocated_engine(
+        path, tc.dtype, max_len + 1, max(20, teacher_k(cfg.loss)), tc.gpu_memory_utilization, cfg.trainer.seed,
+        ranks, tc.sleep, 1, "teacher.sleep",
+    )  # fmt: skip
+    rows = memory.llm.llm_engine.model_config.get_vocab_size()
+    return VLLMTeacher(memory.llm, memory), VLLMRollout(memory.llm, tokenizer, memory), rows
+
+
+# teacher.backend -> builder
+TEACHER_BACKENDS: dict[str, Callable[..., Built]] = {"hf": hf_backend, "vllm": vllm_backend}
+
+
+def make_teacher(cfg, path: str, tokenizer, device: torch.device, max_len: int) -> Built:
+    """The teacher backend ``teacher.backend`` names, a sampler for its evaluation, and its head's rows."""
+    return TEACHER_BACKENDS[cfg.teacher.backend](cfg, path, tokenizer, device, max_len)

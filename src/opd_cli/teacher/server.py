@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from opd_cli.batch import RolloutBatch, TeacherSupport, build_batch, decode_responses, encode_prompts
+from opd_cli.batch import RolloutBatch, TeacherSupport, TokenizerDecoding, build_batch, encode_prompts
 from opd_cli.errors import UserError
 from opd_cli.teacher.vllm import VLLMTeacher, support_from_prompt_logprobs, unpadded_rows
 
 
-class VLLMServerTeacher(VLLMTeacher):
+class VLLMServerTeacher(TokenizerDecoding, VLLMTeacher):
     """The teacher behind a separately started vLLM server (``teacher.url``; ``make serve-teacher``).
 
     Scores through the OpenAI-compatible completions endpoint with vLLM's ``prompt_logprobs``
@@ -58,9 +58,5 @@ class VLLMServerTeacher(VLLMTeacher):
         response = torch.full((len(choices), width), self.tokenizer.pad_token_id, dtype=torch.long)
         for r, c in enumerate(choices):
             response[r, : len(c["token_ids"])] = torch.tensor(c["token_ids"], dtype=torch.long)
-        ids, attn = ids.repeat_interleave(n, 0), attn.repeat_interleave(n, 0)
         logps = torch.zeros(response.shape)
-        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, len(prompts), n)
-
-    def decode_responses(self, batch: RolloutBatch) -> list[str]:
-        return decode_responses(self.tokenizer, batch)
+        return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, n)

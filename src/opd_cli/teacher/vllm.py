@@ -45,7 +45,7 @@ class VLLMTeacher:
     """
 
     supplies = frozenset({"sampled_logprob", "topk"})
-    synced_generation = False
+    sharded = False
     head = None  # no full distribution: objectives that need it are refused
 
     def __init__(self, llm, memory: EngineMemory | None = None) -> None:

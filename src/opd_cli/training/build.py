@@ -6,18 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precision
+from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
+from opd_cli.objectives.base import Objective
 from opd_cli.objectives.masks import mask_token_ids
 from opd_cli.objectives.registry import make_objective
 from opd_cli.rollout.registry import make_rollout
-from opd_cli.tasks.checking import make_checker
+from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
 from opd_cli.training.data import prompt_length, training_prompts
-from opd_cli.training.evaluation import load_benchmarks
+from opd_cli.training.evaluation import Benchmark, load_benchmarks
 from opd_cli.training.trainers import make_trainer
 
 
@@ -35,18 +38,18 @@ def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
 class Parts:
     """Everything a training step needs, built from the config (see ``build``)."""
 
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase  # the student's
     train_prompts: list[str]
-    answers: dict  # training prompt -> its gold answer (loss.outcome_weight)
+    answers: dict[str, str]  # training prompt -> its gold answer (loss.outcome_weight)
     eval_prompts: list[str]
-    teacher: object
-    teacher_sampler: object
-    objective: object
-    mask_ids: list[int]
-    checker: object
-    trainer: object
-    rollout: object
-    benchmarks: dict  # name -> (problems, prompts, checker), scored during training (eval.benchmarks)
+    teacher: TeacherBackend
+    teacher_sampler: Sampler  # the teacher sampling, for its accuracy before training
+    objective: Objective
+    mask_ids: list[int]  # token ids of loss.mask_tokens
+    checker: Checker
+    trainer: Trainer
+    rollout: RolloutEngine
+    benchmarks: dict[str, Benchmark]  # scored during training (eval.benchmarks)
 
 
 def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
@@ -66,7 +69,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         answers = {format_prompt(q, cfg.task, s_tok): q.answer for q in train_problems}
     eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
     benchmarks = load_benchmarks(cfg, s_tok)
-    every_eval_prompt = eval_prompts + [q for _, prompts, _ in benchmarks.values() for q in prompts]
+    every_eval_prompt = eval_prompts + [q for b in benchmarks.values() for q in b.prompts]
     longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
@@ -75,7 +78,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     trainer = make_trainer(student, cfg.trainer, rank, precision)
-    rollout = make_rollout(cfg, trainer, s_tok, s_path, max_len)
+    rollout = make_rollout(cfg, trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], trainer.sharded)
     return Parts(
         s_tok,
         train_prompts,

@@ -15,6 +15,23 @@ from opd_cli.tasks.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
+# Primes that spread the seeds of different phases, steps, ranks and epochs apart, so that no two
+# (phase, step, rank) pairs share a random stream. Changing one changes every run's samples.
+STEP_STRIDE = 7919  # trainer.seed -> the rollout seeds of its steps
+RANK_STRIDE = 1_000_003  # a rank's rollout seed apart from the next rank's
+EPOCH_STRIDE = 100_003  # trainer.seed -> the shuffle of each pass over the prompts
+EVAL_STRIDE = 104_729  # trainer.seed -> the seed of every evaluation
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of a training step's rollout on one rank (``trainer.seed``, 1-based step)."""
+    return seed * STEP_STRIDE + step + RANK_STRIDE * rank
+
+
+def eval_seed(seed: int) -> int:
+    """The seed of every evaluation of a run: each evaluation samples the same way."""
+    return seed * EVAL_STRIDE
+
 
 def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> list[str]:
     """The prompts of training step ``step`` (1-based): seeded epochs, derived from the step alone.
@@ -25,7 +42,7 @@ def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> lis
     for pos in range((step - 1) * per_step, step * per_step):
         epoch, i = divmod(pos, len(prompts))
         order = list(range(len(prompts)))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
+        random.Random(seed * EPOCH_STRIDE + epoch).shuffle(order)
         out.append(prompts[order[i]])
     return out
 

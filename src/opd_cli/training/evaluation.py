@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from opd_cli.batch import chunk_bounds
-from opd_cli.tasks.checking import make_checker
+from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.problems import Problem, load_problems, task_config
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.tasks.scores import avg_at_k
+
+
+class Benchmark(NamedTuple):
+    """A benchmark scored during training (``eval.benchmarks``): its problems, their prompts, its checker."""
+
+    problems: list[Problem]
+    prompts: list[str]
+    checker: Checker
 
 
 @torch.no_grad()
@@ -35,7 +45,7 @@ def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg,
     return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed))
 
 
-def load_benchmarks(cfg, tokenizer) -> dict:
+def load_benchmarks(cfg, tokenizer) -> dict[str, Benchmark]:
     """The ``eval.benchmarks`` tasks: problems, prompts, checker.
 
     Prompts take the training task's template and chat template settings, so the policy is
@@ -48,5 +58,5 @@ def load_benchmarks(cfg, tokenizer) -> dict:
         for key in ("template", "chat_template", "chat_template_kwargs"):
             tcfg[key] = cfg.task[key]
         problems = load_problems(tcfg)[1][: cfg.eval.n_problems]
-        out[name] = (problems, [format_prompt(p, tcfg, tokenizer) for p in problems], make_checker(tcfg))
+        out[name] = Benchmark(problems, [format_prompt(p, tcfg, tokenizer) for p in problems], make_checker(tcfg))
     return out

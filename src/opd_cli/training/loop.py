@@ -1,8 +1,8 @@
 """The OPD training loop: rollout -> teacher scoring -> objective -> optimizer step.
 
-``train(cfg, run_dir)`` is what ``opd-train`` calls and what tests call. Each
-phase is one module with a small interface (rollout engine, teacher backend,
-objective), so later engines (vLLM, DeepSpeed) replace a part, not the loop.
+``train(cfg, run_dir)`` is what ``opd-train`` calls and what tests call; ``opd_step`` is
+one step, each phase a call on one part (``opd_cli.contracts``): the rollout engine
+samples, the teacher backend scores, the trainer runs the objective and steps.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import logging
 import math
 import os
 import random
-import resource
-import time
 from pathlib import Path
 
 import torch
@@ -22,16 +20,20 @@ from tqdm import tqdm
 
 from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.config.validate import validate
-from opd_cli.dist import Rank, all_keys, all_reduce, init_process_group, pick_device, shard, this_rank
+from opd_cli.contracts import Trainer
+from opd_cli.dist import Rank, all_reduce, all_reduce_named, init_process_group, pick_device, shard, this_rank
 from opd_cli.errors import Stopped
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
+from opd_cli.objectives.base import Objective
 from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
 from opd_cli.objectives.inputs import TokenInputs, token_inputs
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.tasks.problems import load_problems
+from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
 from opd_cli.training.checkpoint import latest_checkpoint
-from opd_cli.training.data import step_prompts
+from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
+from opd_cli.training.data import eval_seed, rollout_seed, step_prompts
 from opd_cli.training.evaluation import evaluate
 from opd_cli.training.launch import StopRequest
 from opd_cli.training.logger import MetricsLogger, NullLogger
@@ -39,30 +41,16 @@ from opd_cli.training.logger import MetricsLogger, NullLogger
 log = logging.getLogger(__name__)
 
 
-class PhaseClock:
-    """Wall time per phase of a step; waits for queued GPU work so each phase is charged its own."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-        self.last = self._now()
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap to ``phase``."""
-        now = self._now()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
-        self.last = now
-
-
-PHASES = ("rollout", "teacher", "student", "optimizer", "sync")
-
-
-def update(trainer, batch: RolloutBatch, x: TokenInputs, offsets, objective, cfg, world: int, clock: PhaseClock):
+def update(
+    trainer: Trainer,
+    batch: RolloutBatch,
+    x: TokenInputs,
+    offsets: torch.Tensor,
+    objective: Objective,
+    cfg,
+    world: int,
+    clock: PhaseClock,
+) -> tuple[float, MetricSums, list[float]]:
     """Forward, backward and one optimizer step per mini-batch of a rollout batch (this rank's share).
 
     Each mini-batch's loss aggregates its tokens as ``loss.agg`` says, over every rank's
@@ -72,34 +60,40 @@ def update(trainer, batch: RolloutBatch, x: TokenInputs, offsets, objective, cfg
     """
     rows = batch.input_ids.shape[0]  # the same on every rank
     bounds = chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches))
-    coefs, local = [], []
-    for r0, r1 in bounds:
+    coefs, local = [], {}
+    for i, (r0, r1) in enumerate(bounds):
         weight, starts = x.weight[offsets[r0] : offsets[r1]], offsets[r0 : r1 + 1] - offsets[r0]
-        coef, divisor = aggregation_weights(weight, starts, cfg.loss.agg, cfg.rollout.max_new_tokens)
+        coef, local[f"divisor/{i}"] = aggregation_weights(weight, starts, cfg.loss.agg, cfg.rollout.max_new_tokens)
+        local[f"supervised/{i}"] = weight.sum().item()
         coefs.append(coef)
-        local += [divisor, weight.sum().item()]
-    total = all_reduce(local)
-    divisors, supervised = total[0::2], total[1::2]
-    x.loss_weight = torch.cat([c / max(d, 1e-30) for c, d in zip(coefs, divisors, strict=True)])
+    total = all_reduce_named(local)
+    x.loss_weight = torch.cat([c / max(total[f"divisor/{i}"], 1e-30) for i, c in enumerate(coefs)])
     trainer.model.train()
     sums, losses, norms = MetricSums(), [], []
-    for (r0, r1), n_supervised in zip(bounds, supervised, strict=True):
-        if n_supervised == 0:
+    for i, (r0, r1) in enumerate(bounds):
+        if total[f"supervised/{i}"] == 0:
             continue  # every token of this mini-batch is masked, on every rank
         loss = 0.0
-        for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
-            micro = batch.select(torch.arange(r0 + m0, r0 + m1))
-            xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(trainer.model.device)
-            loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
-            # the engine averages gradients over ranks: scale by the world size to get the mini-batch's loss
-            trainer.backward(loss_sum * world)
-            loss += loss_sum.item()
-            sums.merge(msums)
+        with clock.phase("student"):
+            for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
+                micro = batch.select(torch.arange(r0 + m0, r0 + m1))
+                xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(trainer.model.device)
+                loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
+                # the trainer averages gradients over ranks: scale by the world size to get the mini-batch's loss
+                trainer.backward(loss_sum * world)
+                loss += loss_sum.item()
+                sums.merge(msums)
         losses.append(loss)
-        clock.lap("student")
-        norms.append(trainer.optimizer_step())
-        clock.lap("optimizer")
-    return sum(all_reduce(losses)) / max(1, len(losses)), sums, norms
+        with clock.phase("optimizer"):
+            norms.append(trainer.optimizer_step())
+    return all_reduce([sum(losses)])[0] / max(1, len(losses)), sums, norms
+
+
+def outcome_scores(batch: RolloutBatch, prompts: list[str], p: Parts) -> torch.Tensor:
+    """The task's checker on every response of the batch: 1.0 correct, 0.0 not (``loss.outcome_weight``)."""
+    answers = [p.answers[prompts[int(i)]] for i in batch.prompt_index]
+    texts = p.rollout.decode_responses(batch)
+    return torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
 
 
 def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[str, float]:
@@ -109,62 +103,68 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
     student forward + backward (with the objective and diagnostics), optimizer, and
     the weight push into a separate rollout engine.
     """
-    trainer, rc = p.trainer, cfg.rollout
-    device = trainer.model.device
-    clock = PhaseClock(device)
-    seed = cfg.trainer.seed * 7919 + step + 1_000_003 * rank.rank
-    batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
-    p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
-    clock.lap("rollout")
-    support = p.teacher.score(batch, teacher_k(cfg.loss), keep_hidden="full" in p.objective.teacher_needs)
-    clock.lap("teacher")
-    scores = outcome = None
-    if cfg.loss.outcome_weight:  # the task's checker on every response: GRPO's group advantage
-        answers = [p.answers[prompts[int(i)]] for i in batch.prompt_index]
-        texts = p.rollout.decode_responses(batch)
-        scores = torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
-        outcome = cfg.loss.outcome_weight * group_advantage(scores, batch.prompt_index)
-    x, offsets = token_inputs(batch, support, p.mask_ids, cfg.loss, outcome)
-    loss_total, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
-    trainer.scheduler.step()
-    p.rollout.sync(trainer.model, trainer.synced_generation)  # a vLLM engine gets the new weights
-    clock.lap("sync")
-    step_time = sum(clock.seconds.values())
+    trainer, rc, lc = p.trainer, cfg.rollout, cfg.loss
+    clock = PhaseClock(trainer.model.device)
+    with clock.phase("rollout"):
+        seed = rollout_seed(cfg.trainer.seed, step, rank.rank)
+        batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+        p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
+    with clock.phase("teacher"):
+        support = p.teacher.score(batch, teacher_k(lc), keep_hidden="full" in p.objective.teacher_needs)
+    with clock.phase("student"):
+        scores = outcome_scores(batch, prompts, p) if lc.outcome_weight else None
+        outcome = None if scores is None else lc.outcome_weight * group_advantage(scores, batch.prompt_index)
+        x, offsets = token_inputs(batch, support, p.mask_ids, lc, outcome)
+    loss, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
+    with clock.phase("optimizer"):
+        lr = trainer.end_step()
+    with clock.phase("sync"):
+        p.rollout.sync(trainer.model, trainer.sharded)  # a vLLM engine gets the new weights
+    return step_metrics(batch, scores, loss, sums, norms, lr, clock)
+
+
+def step_metrics(
+    batch: RolloutBatch,
+    scores: torch.Tensor | None,
+    loss: float,
+    sums: MetricSums,
+    norms: list[float],
+    lr: float,
+    clock: PhaseClock,
+) -> dict[str, float]:
+    """The step's metrics over every rank: loss, diagnostics, response statistics, time and memory."""
     lengths = batch.response_mask.sum(1).float()
     responses = [row[m].tolist() for row, m in zip(batch.input_ids, batch.response_mask, strict=True)]
-    rows = batch.input_ids.shape[0]
-    keys = all_keys(list(sums.sums))
-    local = [lengths.sum().item(), float(rows), batch.truncated.sum().item(), *repetition_counts(responses)]
-    local.append(0.0 if scores is None else scores.sum().item())
-    total = all_reduce(local + [sums.sums.get(k, 0.0) for k in keys] + [sums.weights.get(k, 0.0) for k in keys])
-    n_tokens, n_rows, n_truncated, repeats, rep_tokens, score_sum = total[:6]
-    job = MetricSums()
-    job.sums = dict(zip(keys, total[6 : 6 + len(keys)], strict=True))
-    job.weights = dict(zip(keys, total[6 + len(keys) :], strict=True))
-    length_max, peak_mem = all_reduce([lengths.max().item(), peak_memory_gb(device)], op="max")
-    metrics = {"loss": loss_total, **job.means()}
+    repeats, repetition_tokens = repetition_counts(responses)
+    local = {
+        "tokens": lengths.sum().item(),
+        "rows": float(batch.input_ids.shape[0]),
+        "truncated": batch.truncated.sum().item(),
+        "repeats": float(repeats),
+        "repetition_tokens": float(repetition_tokens),
+        **sums.named(),
+    }
     if scores is not None:
-        metrics["outcome_score"] = score_sum / n_rows  # the share of this step's responses the checker accepts
+        local["outcome_score"] = scores.sum().item()
+    total = all_reduce_named(local)
+    peak = all_reduce_named({"length_max": lengths.max().item(), "peak_mem": peak_memory_gb(clock.device)}, op="max")
+    step_time = clock.total()
+    metrics = {"loss": loss, **MetricSums.from_named(total).means()}
+    if scores is not None:
+        metrics["outcome_score"] = total["outcome_score"] / total["rows"]  # share of responses the checker accepts
     metrics.update(
-        repetition=repeats / max(1.0, rep_tokens),
+        repetition=total["repeats"] / max(1.0, total["repetition_tokens"]),
         grad_norm=sum(norms) / max(1, len(norms)),
-        response_clip_ratio=n_truncated / n_rows,
-        response_length=n_tokens / n_rows,
-        response_length_max=length_max,
-        lr=trainer.scheduler.get_last_lr()[0],
-        tokens_per_s=n_tokens / step_time,
+        response_clip_ratio=total["truncated"] / total["rows"],
+        response_length=total["tokens"] / total["rows"],
+        response_length_max=peak["length_max"],
+        lr=lr,
+        tokens_per_s=total["tokens"] / step_time,
         step_time_s=step_time,
-        peak_mem_gb=peak_mem,
+        peak_mem_gb=peak["peak_mem"],
         **{f"time/{k}_s": clock.seconds.get(k, 0.0) for k in PHASES},
     )
     return metrics
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -200,17 +200,15 @@ def train(cfg, run_dir: Path) -> dict:
     start = state.get("step", 0)
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
-    eval_seed = cfg.trainer.seed * 104_729
+    seed = eval_seed(cfg.trainer.seed)
 
     def evaluate_student() -> float:
-        return evaluate(p.rollout, eval_problems, p.eval_prompts, p.checker, cfg.eval, eval_seed)
+        return evaluate(p.rollout, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
 
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluate(
-                p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, eval_seed
-            )
+            state["acc_teacher"] = evaluate(p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
             state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
@@ -224,8 +222,8 @@ def train(cfg, run_dir: Path) -> dict:
             last = step == cfg.trainer.max_steps
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
                 acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student()
-                for name, (problems, prompts, checker) in p.benchmarks.items():
-                    metrics[f"eval/{name}/acc"] = evaluate(p.rollout, problems, prompts, checker, cfg.eval, eval_seed)
+                for name, b in p.benchmarks.items():
+                    metrics[f"eval/{name}/acc"] = evaluate(p.rollout, b.problems, b.prompts, b.checker, cfg.eval, seed)
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
             if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
@@ -235,12 +233,11 @@ def train(cfg, run_dir: Path) -> dict:
                 log.warning("stop requested (SIGTERM): saved the checkpoint of step %d", step)
                 raise Stopped(step)
         after = state.get("acc_last", state["acc_before"])
-        gap = state["acc_teacher"] - state["acc_before"]
         summary = {
             "acc_before": state["acc_before"],
             "acc_after": after,
             "acc_teacher": state["acc_teacher"],
-            "gap_recovery": (after - state["acc_before"]) / gap if gap > 0 else None,
+            "gap_recovery": gap_recovery(after, state["acc_teacher"], state["acc_before"]),
             "step": cfg.trainer.max_steps,
         }
         if rank.main:

@@ -5,9 +5,9 @@ forward, so ZeRO-3 can gather the LM head the objective reads) and offer:
 
 - ``loss(micro, x, objective, chunk_tokens, bucket_tokens)`` -> (loss sum, diagnostics)
 - ``backward(loss)``; ``optimizer_step()`` -> gradient norm before clipping
-- ``scheduler`` (stepped once per training step, not per optimizer step)
+- ``end_step()``: the LR schedule advances once per training step, not per optimizer step
 - ``save(run_dir, step, tokenizer, state)`` and ``load(ckpt)`` -> state
-- ``model`` (the HF student, for sampling and evaluation) and ``synced_generation``
+- ``model`` (the HF student, for sampling and evaluation) and ``sharded``
   (ZeRO-3: every rank must run the same number of forward passes while sampling).
 """
 
@@ -122,7 +122,7 @@ class TorchTrainer:
     float32 master copies of a bfloat16 model (``MasterWeights``).
     """
 
-    synced_generation = False
+    sharded = False
 
     def __init__(self, model, tcfg, precision: str = "fp32") -> None:
         self.model = model
@@ -148,6 +148,12 @@ class TorchTrainer:
         if self.masters:
             self.masters.push()
         return norm.item()
+
+    def end_step(self) -> float:
+        """Advance the LR schedule by one training step; returns the learning rate that step used."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return lr
 
     def save(self, run_dir: Path, step: int, tokenizer, state: dict) -> Path:
         tmp, final = _fresh_tmp(run_dir, step, Rank())
@@ -200,7 +206,7 @@ class DeepSpeedTrainer:
         optimizer, self.scheduler = optimizer_and_schedule(net.parameters(), tcfg)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds)
         self.model = self.engine.module.model
-        self.synced_generation = self.stage == 3
+        self.sharded = self.stage == 3
         if self.stage == 3:
             # the objective reads the LM head outside the head's own forward
             deepspeed.zero.register_external_parameter(self.engine.module, lm_head_weight(self.model))
@@ -214,6 +220,12 @@ class DeepSpeedTrainer:
     def optimizer_step(self) -> float:
         self.engine.step()
         return float(self.engine.get_global_grad_norm())
+
+    def end_step(self) -> float:
+        """Advance the LR schedule by one training step; returns the learning rate that step used."""
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        return lr
 
     def _export(self, directory: Path) -> None:
         """The student in HF format on rank 0, gathered from the ZeRO-3 shards if need be."""
