@@ -65,9 +65,10 @@ test: $(STAMP) ## the whole test suite: unit, config and integration tests
 test-fast: $(STAMP) ## unit and config tests only (no real CLI runs)
 	$(PY) -m pytest -q -m "not integration" $(ARGS)
 
-lint: $(STAMP) ## ruff check and format check
+lint: $(STAMP) ## ruff check and format check; imports point one way (scripts/check_imports.py)
 	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/ruff format --check src tests scripts
+	$(PY) scripts/check_imports.py
 
 format: $(STAMP) ## ruff fix and format
 	$(VENV)/bin/ruff check --fix src tests scripts
