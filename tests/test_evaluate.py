@@ -51,12 +51,24 @@ def test_opd_eval_reports_every_benchmark(tmp_path, models_dir):
         (["tasks=[nope]"], "error: tasks: unknown benchmark 'nope'; choose from: "),
         (["eval.k=2", "pass_k=[5]"], "error: pass_k: 5 must be between 1 and eval.k (2)"),
         (["tasks=[aime24]", "task_paths.aime24=/no/file.jsonl"], "error: task_paths.aime24: file not found"),
+        # opd-eval samples with eval.*: a rollout sampling key would be ignored, so it is refused
+        (
+            ["rollout.temperature=0.7"],
+            "error: rollout.temperature: opd-eval samples with the eval.* keys; set eval.temperature",
+        ),
+        (["rollout.n=8"], "error: rollout.n: opd-eval samples with the eval.* keys; set eval.k"),
+        (["rollout.max_prompt_tokens=8"], "error: rollout.max_prompt_tokens: opd-eval samples with the eval.* keys"),
+        (["eval.every=5"], "error: eval.every: "),
+        (["eval.top_p=0"], "error: eval.top_p: must be in (0, 1], got 0"),
+        (["model.name_or_path=/no/model"], "error: model.name_or_path: local model path not found: /no/model"),
     ],
 )
 def test_opd_eval_bad_input(args, message, tmp_path, models_dir):
-    out = opd_eval(tmp_path, models_dir, *args)
+    """One line, exit code 2, and no evaluation directory made: the checks run before Hydra makes it."""
+    out = opd_eval(tmp_path / "eval", models_dir, *args)
     assert out.returncode == 2
     assert out.stderr.startswith(message) and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "eval").exists()
 
 
 @pytest.mark.integration

@@ -16,37 +16,23 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from opd_cli.commands.app import CONF_DIR, run_app
+from opd_cli.config.validate import validate_evaluate
 from opd_cli.dist import Rank, pick_device
-from opd_cli.errors import UserError, one_line_errors
+from opd_cli.errors import one_line_errors
 from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
-from opd_cli.models.vllm import make_llm
-from opd_cli.rollout.hf import HFRollout
-from opd_cli.rollout.vllm import VLLMRollout
+from opd_cli.rollout.registry import RolloutSpec, make_rollout
 from opd_cli.tasks.checking import make_checker
 from opd_cli.tasks.problems import load_problems, task_config
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.tasks.scores import avg_at_k, gap_recovery, mean_pass_at_k
+from opd_cli.training.data import prompt_length
 from opd_cli.training.evaluation import sample_correctness
-
-
-def check(cfg) -> None:
-    if not cfg.tasks:
-        raise UserError("tasks: give at least one benchmark, e.g. tasks=[aime24,math500]")
-    if cfg.eval.k < 1 or cfg.eval.n_problems < 1 or cfg.eval.max_new_tokens < 1:
-        raise UserError("eval: k, n_problems and max_new_tokens must be >= 1")
-    if not 0 < cfg.eval.top_p <= 1:
-        raise UserError(f"eval.top_p: must be in (0, 1], got {cfg.eval.top_p}")
-    for k in cfg.pass_k:
-        if not 1 <= k <= cfg.eval.k:
-            raise UserError(f"pass_k: {k} must be between 1 and eval.k ({cfg.eval.k})")
 
 
 def run(cfg, out_dir: Path) -> dict:
     """Evaluate as configured; returns (and writes) the results per benchmark."""
-
-    check(cfg)
+    validate_evaluate(cfg, list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [])
     torch.manual_seed(cfg.seed)
-    # bad names fail first
     tasks = {name: task_config(name, cfg.task_paths.get(name), "tasks", f"task_paths.{name}") for name in cfg.tasks}
     path = resolve_path(cfg.model.name_or_path, cfg)
     tok = load_tokenizer(path, "model.name_or_path", cfg.model.trust_remote_code)
@@ -56,22 +42,13 @@ def run(cfg, out_dir: Path) -> dict:
             tcfg.chat_template = cfg.chat_template
         problems = load_problems(tcfg)[1][: cfg.eval.n_problems]
         benchmarks[name] = (tcfg, problems, [format_prompt(p, tcfg, tok) for p in problems])
-    if cfg.rollout.engine == "vllm":
-        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for *_, ps in benchmarks.values() for p in ps)
-        llm = make_llm(
-            path,
-            cfg.model.dtype,
-            longest + cfg.eval.max_new_tokens,
-            20,
-            cfg.rollout.gpu_memory_utilization,
-            cfg.seed,
-            ranks=False,
-        )
-        sampler = VLLMRollout(llm, tok)
-    else:
+    longest = max(prompt_length(tok, p) for *_, prompts in benchmarks.values() for p in prompts)
+    max_len = longest + cfg.eval.max_new_tokens
+    model = None
+    if cfg.rollout.engine == "hf":  # the vLLM engine loads the model itself
         device = pick_device(cfg.device, Rank())
         model = load_model(path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-        sampler = HFRollout(model, tok)
+    sampler = make_rollout(cfg.rollout, RolloutSpec(model, tok, path, max_len, cfg.model.dtype, cfg.seed))
     results = {}
     for name, (tcfg, problems, prompts) in benchmarks.items():
         correct = sample_correctness(sampler, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed)

@@ -127,7 +127,6 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 100
     k: int = 4
     n_problems: int = 256
     temperature: float = 1.0
@@ -138,6 +137,7 @@ class EvalConfig:
 
 @dataclass
 class TrainEvalConfig(EvalConfig):
+    every: int = 100
     benchmarks: list[str] = field(default_factory=list)
     benchmark_paths: dict[str, str | None] = field(default_factory=dict)
 
@@ -171,27 +171,34 @@ class PathsConfig:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """What every command that loads a model shares: the model, the task (where the demo models
+    come from), the demo models' recipe and where they are cached."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass
-class EvaluateConfig:
+class TrainConfig(RunConfig):
+    """``opd-train`` (conf/train.yaml and its groups document each key)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
     """``opd-eval``: one model on several benchmarks (conf/evaluate.yaml documents each key)."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
     tasks: list[str] = field(default_factory=lambda: ["arith"])
     task_paths: dict[str, str | None] = field(default_factory=dict)
     pass_k: list[int] = field(default_factory=lambda: [1])
@@ -200,8 +207,6 @@ class EvaluateConfig:
     chat_template: bool | None = None
     seed: int = 0
     device: str = "auto"
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 @dataclass

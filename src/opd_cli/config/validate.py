@@ -233,10 +233,6 @@ def validate(cfg: Any) -> None:
         raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
-    if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
-        raise UserError(
-            f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
-        )
     if cfg.task.eval_only:
         where = cfg.task.path or cfg.task.dataset
         raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
@@ -250,7 +246,16 @@ def validate(cfg: Any) -> None:
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:
             task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", f"eval.benchmark_paths.{name}")
-    for key in ("model.name_or_path", "teacher.name_or_path"):
+    check_models(cfg, ("model.name_or_path", "teacher.name_or_path"))
+
+
+def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
+    """The models named by ``keys`` exist (a demo role, a local directory, or a hub id), and the demo's recipe is valid."""
+    if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
+        raise UserError(
+            f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
+        )
+    for key in keys:
         value = _get(cfg, key)
         if value.startswith("demo:"):
             if value not in ("demo:student", "demo:teacher"):
@@ -261,14 +266,62 @@ def validate(cfg: Any) -> None:
             raise UserError(f"{key}: local model path not found: {value}")
 
 
+# opd-eval samples with eval.*: these opd-train sampling keys have an eval.* counterpart
+EVAL_INSTEAD = {"n": "eval.k", "temperature": "eval.temperature", "top_p": "eval.top_p"}
+EVAL_INSTEAD["max_new_tokens"] = "eval.max_new_tokens"
+# the rollout keys opd-eval uses: which engine samples, and how much GPU memory vLLM may take
+EVAL_ROLLOUT_KEYS = ("engine", "gpu_memory_utilization")
+
+
+def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
+    """``opd-eval``'s checks; ``overrides`` are the command line's, so that a rollout sampling key
+    opd-eval would not use is refused instead of ignored."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+~")
+        group, _, name = key.partition(".")
+        if group == "rollout" and name and name not in EVAL_ROLLOUT_KEYS:
+            instead = f"set {EVAL_INSTEAD[name]}" if name in EVAL_INSTEAD else "it has no effect here"
+            raise UserError(f"{key}: opd-eval samples with the eval.* keys; {instead}")
+    if not cfg.tasks:
+        raise UserError("tasks: give at least one benchmark, e.g. tasks=[aime24,math500]")
+    for key in ("rollout.engine", "model.dtype"):
+        if _get(cfg, key) not in CHOICES[key]:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(CHOICES[key])}")
+    if cfg.device not in CHOICES["trainer.device"]:
+        raise UserError(f"device: '{cfg.device}' is not one of: {', '.join(CHOICES['trainer.device'])}")
+    for key in ("eval.k", "eval.n_problems", "eval.max_new_tokens", "eval.batch_size"):
+        if _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
+    for key in ("eval.top_p", "rollout.gpu_memory_utilization"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
+    if not cfg.eval.temperature > 0:
+        raise UserError(f"eval.temperature: must be > 0, got {cfg.eval.temperature}")
+    for k in cfg.pass_k:
+        if not 1 <= k <= cfg.eval.k:
+            raise UserError(f"pass_k: {k} must be between 1 and eval.k ({cfg.eval.k})")
+    for name in cfg.tasks:
+        task_config(name, cfg.task_paths.get(name), "tasks", f"task_paths.{name}")
+    check_models(cfg, ("model.name_or_path",))
+
+
 class ValidateCallback(Callback):
-    """Hydra callback: check the composed config before any run directory is made."""
+    """Hydra callback: check the composed config before any run directory is made.
+
+    ``command``: ``train`` (opd-train's checks) or ``evaluate`` (opd-eval's).
+    """
+
+    def __init__(self, command: str = "train") -> None:
+        self.command = command
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra turns an exception raised in a callback into a warning and runs on,
         # so a bad value must end the process here, before the run directory is made.
         with one_line_errors():
-            validate(config)
+            if self.command == "evaluate":
+                validate_evaluate(config, list(config.hydra.overrides.task))
+            else:
+                validate(config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         pass  # each job is checked in ``train`` with its sweep values filled in

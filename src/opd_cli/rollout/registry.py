@@ -1,14 +1,15 @@
 """The rollout engines by name (``rollout.engine``).
 
-An engine is built from the config, the student (the live HF model, its path on disk),
-its tokenizer, the longest sequence it must hold, the dtype it samples in and whether the
-student is sharded (ZeRO-3). Adding one is a module with a class that keeps the
-``RolloutEngine`` contract (``opd_cli.contracts``) and one line in ``ROLLOUT_ENGINES``.
+An engine is built from the ``rollout`` config and a ``RolloutSpec`` (the student and what
+the engine must hold). Adding one is a module with a class that keeps the ``RolloutEngine``
+contract (``opd_cli.contracts``) and one line in ``ROLLOUT_ENGINES``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,27 +19,39 @@ from opd_cli.rollout.hf import HFRollout
 from opd_cli.rollout.vllm import VLLMRollout
 
 
-def hf_engine(cfg, model: torch.nn.Module, tokenizer, path: str, max_len: int, dtype: str, sharded: bool):
+@dataclass
+class RolloutSpec:
+    """What a rollout engine is built from, besides the ``rollout`` config."""
+
+    model: torch.nn.Module | None  # the live student; None where the engine loads its own copy (vLLM)
+    tokenizer: Any
+    path: str  # the student's weights on disk
+    max_len: int  # the longest prompt + response the engine must hold
+    dtype: str  # the dtype it samples in
+    seed: int = 0
+    sharded: bool = False  # the student is partitioned across ranks (ZeRO-3)
+    ranks: bool = False  # one engine per rank of a DeepSpeed job
+    entropy: bool = False  # record the sampler's entropy at each token (loss.entropy_top_ratio)
+
+
+def hf_engine(rc, spec: RolloutSpec) -> RolloutEngine:
     """Our decoding loop on the live student (no copy of the weights, nothing to sync)."""
-    return HFRollout(model, tokenizer, sharded=sharded, entropy=cfg.loss.entropy_top_ratio is not None)
+    return HFRollout(spec.model, spec.tokenizer, sharded=spec.sharded, entropy=spec.entropy)
 
 
-def vllm_engine(cfg, model: torch.nn.Module, tokenizer, path: str, max_len: int, dtype: str, sharded: bool):
+def vllm_engine(rc, spec: RolloutSpec) -> RolloutEngine:
     """An in-process vLLM engine loaded from the student's path, fed its weights after every update."""
-    rc = cfg.rollout
-    ranks = cfg.trainer.engine == "deepspeed"
     memory = colocated_engine(
-        path, dtype, max_len, 20, rc.gpu_memory_utilization, cfg.trainer.seed, ranks, rc.sleep, 2, "rollout.sleep"
-    )
-    return VLLMRollout(memory.llm, tokenizer, memory)
+        spec.path, spec.dtype, spec.max_len, 20, rc.gpu_memory_utilization, spec.seed, spec.ranks, rc.sleep, 2,
+        "rollout.sleep",
+    )  # fmt: skip
+    return VLLMRollout(memory.llm, spec.tokenizer, memory)
 
 
 # rollout.engine -> builder
-ROLLOUT_ENGINES: dict[str, Callable[..., RolloutEngine]] = {"hf": hf_engine, "vllm": vllm_engine}
+ROLLOUT_ENGINES: dict[str, Callable[[Any, RolloutSpec], RolloutEngine]] = {"hf": hf_engine, "vllm": vllm_engine}
 
 
-def make_rollout(
-    cfg, model: torch.nn.Module, tokenizer, path: str, max_len: int, dtype: str, sharded: bool
-) -> RolloutEngine:
-    """The student's sampling engine ``rollout.engine`` names."""
-    return ROLLOUT_ENGINES[cfg.rollout.engine](cfg, model, tokenizer, path, max_len, dtype, sharded)
+def make_rollout(rc, spec: RolloutSpec) -> RolloutEngine:
+    """The sampling engine ``rollout.engine`` (``rc.engine``) names."""
+    return ROLLOUT_ENGINES[rc.engine](rc, spec)

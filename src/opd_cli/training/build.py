@@ -15,7 +15,7 @@ from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_m
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.masks import mask_token_ids
 from opd_cli.objectives.registry import make_objective
-from opd_cli.rollout.registry import make_rollout
+from opd_cli.rollout.registry import RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
@@ -78,7 +78,11 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     trainer = make_trainer(student, cfg.trainer, rank, precision)
-    rollout = make_rollout(cfg, trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], trainer.sharded)
+    spec = RolloutSpec(
+        trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], cfg.trainer.seed, trainer.sharded,
+        ranks=cfg.trainer.engine == "deepspeed", entropy=cfg.loss.entropy_top_ratio is not None,
+    )  # fmt: skip
+    rollout = make_rollout(cfg.rollout, spec)
     return Parts(
         s_tok,
         train_prompts,
