@@ -30,27 +30,34 @@ from opd_cli.teacher.registry import TEACHER_BACKENDS
 PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
 COMPUTE_DTYPE = {"fp32": "float32", "bf16-mixed": "bfloat16", "bf16-pure": "bfloat16"}
 
-# the keys that pick a part take the names of that part's registry; the divergence knobs the
-# values DivergenceSpec defines
-CHOICES: dict[str, tuple[str, ...]] = {
-    "loss.objective": tuple(OBJECTIVES),
-    **{f"loss.{knob}": values for knob, values in KNOB_CHOICES.items()},
-    "loss.mask_mode": MASK_MODES,
-    "loss.agg": AGG_MODES,
-    "model.dtype": tuple(DTYPES),
-    "teacher.dtype": tuple(DTYPES),
-    "teacher.backend": tuple(TEACHER_BACKENDS),
-    "rollout.engine": tuple(ROLLOUT_ENGINES),
-    "task.name": ("arith", "hub"),
-    "task.checker": tuple(CHECKERS),
-    "trainer.engine": ("torch", "deepspeed"),
-    "trainer.device": ("auto", "cpu", "cuda"),
-    "trainer.lr_schedule": ("constant", "cosine"),
-    "trainer.cpu_linear": ("auto", "onednn", "blas"),
-    "trainer.precision": ("auto", *PARAM_DTYPE),
-    "logger.backend": ("wandb", "none"),
-    "logger.mode": ("offline", "online", "disabled"),
-}
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each key that is a choice. The keys that pick a part take the names
+    in that part's registry (read at the call, so a family registered later counts); the
+    divergence knobs take the values ``DivergenceSpec`` defines."""
+    return {
+        "loss.objective": tuple(OBJECTIVES),
+        **{f"loss.{knob}": values for knob, values in KNOB_CHOICES.items()},
+        "loss.mask_mode": MASK_MODES,
+        "loss.agg": AGG_MODES,
+        "model.dtype": tuple(DTYPES),
+        "teacher.dtype": tuple(DTYPES),
+        "teacher.backend": tuple(TEACHER_BACKENDS),
+        "rollout.engine": tuple(ROLLOUT_ENGINES),
+        "task.name": ("arith", "hub"),
+        "task.checker": tuple(CHECKERS),
+        "trainer.engine": ("torch", "deepspeed"),
+        "trainer.device": DEVICES,
+        "trainer.lr_schedule": ("constant", "cosine"),
+        "trainer.cpu_linear": ("auto", "onednn", "blas"),
+        "trainer.precision": ("auto", *PARAM_DTYPE),
+        "logger.backend": ("wandb", "none"),
+        "logger.mode": ("offline", "online", "disabled"),
+    }
+
+
+# where a command runs: auto (a GPU if visible, else the CPU), cpu or cuda
+DEVICES = ("auto", "cpu", "cuda")
 AT_LEAST_ONE = [
     "loss.k",
     "loss.chunk_tokens",
@@ -178,7 +185,7 @@ def check_question_regex(pattern: str | None) -> None:
 
 def validate(cfg: Any) -> None:
     """Raise ``UserError`` naming the first key whose value is not allowed."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices().items():
         if _get(cfg, key) not in allowed:
             raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed)}")
     for key in AT_LEAST_ONE:
@@ -284,11 +291,10 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
             raise UserError(f"{key}: opd-eval samples with the eval.* keys; {instead}")
     if not cfg.tasks:
         raise UserError("tasks: give at least one benchmark, e.g. tasks=[aime24,math500]")
-    for key in ("rollout.engine", "model.dtype"):
-        if _get(cfg, key) not in CHOICES[key]:
-            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(CHOICES[key])}")
-    if cfg.device not in CHOICES["trainer.device"]:
-        raise UserError(f"device: '{cfg.device}' is not one of: {', '.join(CHOICES['trainer.device'])}")
+    allowed = {**choices(), "device": DEVICES}
+    for key in ("rollout.engine", "model.dtype", "device"):
+        if _get(cfg, key) not in allowed[key]:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed[key])}")
     for key in ("eval.k", "eval.n_problems", "eval.max_new_tokens", "eval.batch_size"):
         if _get(cfg, key) < 1:
             raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
