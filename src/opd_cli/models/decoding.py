@@ -264,10 +264,13 @@ def prefill(model, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, cap
 
     ``LeanDecoder`` where ``lean`` and the model is of the Llama family, else
     ``BufferedDecoder``, else (layers that do not all attend through the buffer)
-    ``CacheDecoder``.
+    ``CacheDecoder``. A model marked ``_opd_lean_fails`` or ``_opd_buffer_fails``
+    (``models.checks.choose_decoder``: that decoder disagreed with the model's forward)
+    skips that decoder.
     """
     if not getattr(model, "_opd_buffer_fails", False):
-        decoder = (LeanDecoder if lean and LeanDecoder.fits(model) else BufferedDecoder)(model, capacity)
+        lean = lean and LeanDecoder.fits(model) and not getattr(model, "_opd_lean_fails", False)
+        decoder = (LeanDecoder if lean else BufferedDecoder)(model, capacity)
         logits = decoder.prefill(ids, attn, pos)
         otherwise = "attended through the KV buffer; decoding with transformers' cache"
         if every_layer_ran(model, decoder.buf.calls, "_opd_buffer_fails", otherwise):

@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from opd_cli.contracts import Sampler, TeacherBackend
 from opd_cli.errors import UserError
+from opd_cli.models.checks import check_model
 from opd_cli.models.loading import lm_head_weight, load_model
 from opd_cli.models.vllm import colocated_engine
 from opd_cli.objectives.base import Objective
@@ -42,7 +43,8 @@ def hf_backend(cfg, path: str, tokenizer, device: torch.device, max_len: int) ->
     """The teacher as an in-process transformers model (optionally ZeRO-3 sharded: ``teacher.shard``)."""
     tc = cfg.teacher
     model = load_model(path, "teacher.name_or_path", tc.dtype, device, tc.trust_remote_code, cfg.trainer.cpu_linear)
-    rows = lm_head_weight(model).shape[0]  # before a ZeRO-3 teacher partitions it
+    check_model(model, "teacher.name_or_path", sampling=True)  # before a ZeRO-3 teacher partitions it
+    rows = lm_head_weight(model).shape[0]
     teacher = HFTeacher(model, tc.micro_batch_size, cfg.loss.chunk_tokens, tc.shard, tc.temperature)
     return teacher, HFRollout(model, tokenizer, sharded=teacher.sharded), rows
 

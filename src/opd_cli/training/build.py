@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precision
 from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
+from opd_cli.models.checks import check_model
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.masks import mask_token_ids
@@ -63,6 +64,8 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     student = load_model(
         s_path, "model.name_or_path", PARAM_DTYPE[precision], device, cfg.model.trust_remote_code, cpu_linear
     )
+    # logits must be hidden @ W.T; the packed pass and our decoders only where they equal the model's forward
+    check_model(student, "model.name_or_path", sampling=cfg.rollout.engine == "hf")
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     answers = {}
     if cfg.loss.outcome_weight:
