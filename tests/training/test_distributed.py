@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from opd_cli.objectives.advantages import AGG_MODES
 
-from .conftest import CLI_ENV, REPO, cli_argv, metrics, opd_train
+from ..conftest import CLI_ENV, REPO, cli_argv, metrics, opd_train
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import torch
 
 from opd_cli.analysis.variance_study import Policy, gaussian_kl, log_prob
 
-from .conftest import REPO
+from ..conftest import REPO
 
 
 def test_gaussian_helpers_against_torch():

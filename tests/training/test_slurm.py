@@ -14,7 +14,7 @@ import pytest
 
 from opd_cli.training.launch import first_host, slurm_rendezvous
 
-from .conftest import CLI_ENV, REPO, cli_argv
+from ..conftest import CLI_ENV, REPO, cli_argv
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from opd_cli.objectives.math import gather_logits, ppo_token_loss
 from opd_cli.objectives.registry import make_objective
 from opd_cli.objectives.student_pass import student_loss_and_metrics
 
-from .conftest import REPO
+from ..conftest import REPO
 
 N, V, D, DT = 11, 37, 8, 6
 PRESETS = sorted(p.stem for p in Path(REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")

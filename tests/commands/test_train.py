@@ -7,7 +7,7 @@ import pytest
 
 from opd_cli.training.loop import train
 
-from .conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
+from ..conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from opd_cli.rollout.vllm import VLLMRollout
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.teacher.vllm import VLLMTeacher
 
-from .conftest import metrics, opd_train
-from .test_rollout_teacher import PROMPTS, unpadded_logprobs
+from ..conftest import metrics, opd_train
+from ..rollout.test_hf import PROMPTS, unpadded_logprobs
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +92,7 @@ def test_cli_with_vllm_on_two_ranks(tmp_path, models_dir):
 def test_vllm_teacher_refuses_full_distribution_objectives(tmp_path, models_dir):
     import subprocess
 
-    from .conftest import CLI_ENV, REPO, cli_argv
+    from ..conftest import CLI_ENV, REPO, cli_argv
 
     argv = cli_argv(tmp_path, models_dir, "teacher.backend=vllm", "loss=fkl", "trainer.max_steps=1", "logger=none")
     out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
@@ -110,7 +110,7 @@ def teacher_server(models_dir):
 
     from opd_cli.dist import free_port
 
-    from .conftest import CLI_ENV, REPO, TINY_DEMO
+    from ..conftest import CLI_ENV, REPO, TINY_DEMO
 
     url = f"http://127.0.0.1:{free_port()}"
     args = [f"paths.models={models_dir}", *TINY_DEMO, "teacher.backend=vllm", f"teacher.url={url}"]
@@ -142,7 +142,7 @@ def test_teacher_server_matches_hf(teacher_server, models_dir):
     from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
     from opd_cli.teacher.server import VLLMServerTeacher
 
-    from .conftest import compose_cfg
+    from ..conftest import compose_cfg
 
     url, args = teacher_server
     path = resolve_path("demo:teacher", compose_cfg(args))
@@ -171,7 +171,7 @@ def test_cli_with_teacher_server(teacher_server, tmp_path, models_dir):
 def test_sleep_mode_asked_for_on_cpu_is_refused_in_one_line(tmp_path, models_dir, key):
     import subprocess
 
-    from .conftest import CLI_ENV, REPO, cli_argv
+    from ..conftest import CLI_ENV, REPO, cli_argv
 
     args = ["rollout=vllm", "teacher.backend=vllm", f"{key}=true", "trainer.max_steps=1", "logger=none"]
     out = subprocess.run(cli_argv(tmp_path, models_dir, *args), capture_output=True, text=True, cwd=REPO, env=CLI_ENV)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from .conftest import CLI_ENV, REPO, TINY_DEMO
+from ..conftest import CLI_ENV, REPO, TINY_DEMO
 
 
 @pytest.mark.integration

@@ -1,6 +1,6 @@
 """vLLM sleep mode sequencing (EngineMemory). vLLM's sleep mode itself needs a GPU: on CPU these
 tests drive the state machine with a recorder in the engine's place; the refusal of
-``rollout.sleep=true`` on CPU runs the real vLLM platform check in tests/test_vllm.py."""
+``rollout.sleep=true`` on CPU runs the real vLLM platform check in tests/models/test_vllm.py."""
 
 import pytest
 

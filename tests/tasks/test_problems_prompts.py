@@ -12,7 +12,7 @@ from opd_cli.tasks.checking import check_exact, last_boxed
 from opd_cli.tasks.problems import Problem, arith_problems, hub_problems, split_held_out
 from opd_cli.tasks.prompts import format_prompt
 
-from .conftest import compose_cfg
+from ..conftest import compose_cfg
 
 
 def test_tokenizer_reload_keeps_ids(tiny_tokenizer, tiny_model, tmp_path):

@@ -25,7 +25,7 @@ from opd_cli.training.clock import PhaseClock
 from opd_cli.training.loop import update
 from opd_cli.training.trainers import TorchTrainer
 
-from .conftest import REPO, perturbed_copy
+from ..conftest import REPO, perturbed_copy
 
 PROMPTS = ["Question: Ann has 12 pens and buys 30 more.\nAnswer:", "Question: 3+4?\nAnswer:", "Q: 57 coins\nA:"]
 MAX_NEW = 12

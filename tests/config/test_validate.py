@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from opd_cli.config.validate import validate
 from opd_cli.errors import UserError
 
-from .conftest import REPO, compose_cfg
+from ..conftest import REPO, compose_cfg
 
 CONF = REPO / "conf"
 GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]

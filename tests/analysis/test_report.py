@@ -8,7 +8,7 @@ import pytest
 
 from opd_cli.analysis.report import labels, write_report
 
-from .conftest import CLI_ENV, REPO, cli_argv
+from ..conftest import CLI_ENV, REPO, cli_argv
 
 
 def fake_run(path, overrides, steps=3):

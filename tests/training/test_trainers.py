@@ -21,7 +21,7 @@ from opd_cli.rollout.hf import HFRollout
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.training.trainers import TorchTrainer
 
-from .conftest import REPO, compose_cfg, perturbed_copy
+from ..conftest import REPO, compose_cfg, perturbed_copy
 
 PROMPTS = ["Question: Ann has 12 pens and buys 30 more.\nAnswer:", "Question: 3+4?\nAnswer:"]
 TCFG = SimpleNamespace(

@@ -11,7 +11,7 @@ from opd_cli.tasks.checking import check_math_verify
 from opd_cli.tasks.problems import load_problems
 from opd_cli.tasks.scores import avg_at_k, mean_pass_at_k, pass_at_k
 
-from .conftest import REPO, compose_cfg
+from ..conftest import REPO, compose_cfg
 
 FIXTURES = REPO / "tests/fixtures"
 
