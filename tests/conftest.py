@@ -86,6 +86,8 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
+    """A 2-layer demo Qwen2, shared by the whole session: hand anything that changes a model a copy
+    (``HFTeacher`` freezes its model, which would break a later test that trains this one)."""
     cfg = SimpleNamespace(hidden_size=64, num_layers=2, seed=1)
     torch.manual_seed(1)
     return build_model(tiny_tokenizer, cfg).eval()

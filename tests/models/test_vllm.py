@@ -3,6 +3,8 @@
 Integration tier: each engine takes seconds to start.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -34,7 +36,7 @@ def llm(saved_model):
 def test_teacher_topk_matches_hf(llm, tiny_model, tiny_tokenizer):
     batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
     k = 8
-    hf = HFTeacher(tiny_model, micro_batch_size=4, chunk_tokens=16).score(batch, k)
+    hf = HFTeacher(copy.deepcopy(tiny_model), micro_batch_size=4, chunk_tokens=16).score(batch, k)
     vl = VLLMTeacher(llm).score(batch, k)
     assert vl.topk_ids.shape == hf.topk_ids.shape
     assert torch.equal(vl.topk_ids, hf.topk_ids)

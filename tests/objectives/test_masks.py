@@ -3,22 +3,10 @@
 import pytest
 import torch
 
-from opd_cli.batch import response_mask_from
 from opd_cli.errors import UserError
 from opd_cli.objectives.masks import entropy_top_keep, mask_token_ids, special_token_keep
 
 EOS = 0
-
-
-def test_response_mask_stops_after_first_eos():
-    resp = torch.tensor([[5, 6, EOS, EOS, EOS], [5, EOS, 7, EOS, EOS], [5, 6, 7, 8, 9]])
-    mask, truncated = response_mask_from(resp, EOS)
-    assert mask.tolist() == [
-        [True, True, True, False, False],  # EOS itself is supervised, the padding after it is not
-        [True, True, False, False, False],
-        [True, True, True, True, True],
-    ]
-    assert truncated.tolist() == [False, False, True]
 
 
 def test_special_token_mask_first_and_all():

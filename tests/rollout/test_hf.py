@@ -1,9 +1,14 @@
-"""Rollouts and teacher scoring on a tiny real Qwen2 model, against direct recomputation."""
+"""The in-process rollout engine (rollout/hf.py) on a tiny real Qwen2 model, against direct recomputation.
+
+The first test also checks the in-process teacher's scores of the same rollouts (tests/teacher/ has
+the teacher's own tests).
+"""
+
+import copy
 
 import pytest
 import torch
 
-from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.rollout.hf import HFRollout, sample_top_p
 from opd_cli.teacher.hf import HFTeacher
 
@@ -21,7 +26,7 @@ def test_rollout_logprobs_and_teacher_scores_match_unpadded_recomputation(tiny_m
     engine = HFRollout(tiny_model, tiny_tokenizer)
     batch = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=0)
     k = 5
-    support = HFTeacher(tiny_model, micro_batch_size=2, chunk_tokens=7).score(batch, k)
+    support = HFTeacher(copy.deepcopy(tiny_model), micro_batch_size=2, chunk_tokens=7).score(batch, k)
     flat = 0
     for row in range(batch.input_ids.shape[0]):
         real = batch.attention_mask[row].bool()
@@ -59,11 +64,6 @@ def test_top_p_restricts_samples_to_the_nucleus(tiny_model, tiny_tokenizer):
             assert ids[pos + 1] in order[:cut].tolist()
 
 
-def test_chunk_bounds_cover_exactly():
-    assert chunk_bounds(7, 3) == [(0, 3), (3, 6), (6, 7)]
-    assert chunk_bounds(0, 3) == []
-
-
 def nucleus_reference(probs: list[float], temperature: float, top_p: float) -> torch.Tensor:
     """The top-p distribution the obviously-correct way: float64, sort, keep the tokens whose
     strictly-more-likely mass is below top_p, renormalize."""
@@ -94,49 +94,6 @@ def test_sample_top_p_draws_the_nucleus_distribution(probs, temperature, top_p):
     assert (freq[ref == 0] == 0).all(), "a token outside the nucleus was drawn"
     sigma = (ref * (1 - ref) / n).sqrt()
     assert ((freq - ref).abs() <= 5 * sigma + 1e-12).all(), (freq, ref)
-
-
-def test_select_drops_columns_that_are_padding_in_every_selected_row():
-    # row 0: prompt of 1 token, response of 3; row 1: prompt of 3 tokens, response of 1
-    attn = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-    resp = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 0, 0]]).bool()
-    ids = torch.arange(12).reshape(2, 6)
-    batch = RolloutBatch(ids, attn, resp, resp.float(), torch.zeros(2, dtype=torch.bool), torch.arange(2), 3)
-    short = batch.select(torch.tensor([1]))
-    assert short.input_ids.tolist() == [[6, 7, 8, 9]] and short.prompt_len == 3
-    late = batch.select(torch.tensor([0]))
-    assert late.input_ids.tolist() == [[2, 3, 4, 5]] and late.prompt_len == 1
-    assert late.response_mask.tolist() == [[False, True, True, True]]
-
-
-def test_teacher_temperature_scales_every_value_it_supplies(tiny_model, tiny_tokenizer):
-    """Paper B's teacher_temperature: log-softmax of logits / T for top-K, sampled log-prob, entropy and q."""
-    batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS[:2], n=1, temperature=1.0, top_p=1.0,
-                                                          max_new_tokens=6, seed=0)  # fmt: skip
-    t = 2.5
-    teacher = HFTeacher(tiny_model, micro_batch_size=2, chunk_tokens=7, temperature=t)
-    support = teacher.score(batch, 4, keep_hidden=True)
-    flat = 0
-    for row in range(batch.input_ids.shape[0]):
-        real = batch.attention_mask[row].bool()
-        ids = batch.input_ids[row][real].tolist()
-        with torch.no_grad():
-            logits = tiny_model(input_ids=torch.tensor([ids])).logits[0, :-1].double()
-        ref = torch.log_softmax(logits / t, -1)[batch.response_mask[row][real][1:]]
-        n = ref.shape[0]
-        targets = torch.tensor(ids[1:])[batch.response_mask[row][real][1:]]
-        torch.testing.assert_close(
-            support.topk_logprobs[flat : flat + n].double(), ref.topk(4).values, atol=1e-4, rtol=0
-        )
-        torch.testing.assert_close(
-            support.sampled_logprob[flat : flat + n].double(), ref.gather(-1, targets[:, None])[:, 0], atol=1e-4, rtol=0
-        )
-        torch.testing.assert_close(
-            support.entropy[flat : flat + n].double(), -(ref.exp() * ref).sum(-1), atol=1e-4, rtol=0
-        )
-        q = torch.log_softmax((support.hidden[flat : flat + n] @ teacher.head.T).double(), -1)
-        torch.testing.assert_close(q, ref, atol=1e-4, rtol=0)
-        flat += n
 
 
 def test_rollout_records_the_sampler_entropy(tiny_model, tiny_tokenizer):

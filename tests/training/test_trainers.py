@@ -13,15 +13,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from opd_cli.config.validate import student_precision
-from opd_cli.errors import UserError
 from opd_cli.objectives.inputs import token_inputs
 from opd_cli.objectives.registry import make_objective
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.training.trainers import TorchTrainer
 
-from ..conftest import REPO, compose_cfg, perturbed_copy
+from ..conftest import REPO, perturbed_copy
 
 PROMPTS = ["Question: Ann has 12 pens and buys 30 more.\nAnswer:", "Question: 3+4?\nAnswer:"]
 TCFG = SimpleNamespace(
@@ -89,21 +87,3 @@ def test_master_weights_survive_a_checkpoint(tiny_model, tiny_tokenizer, data, t
     fresh.load(tmp_path / "checkpoints/step_000001")
     for a, b in zip(trainer.params, fresh.params, strict=True):
         assert a.equal(b)  # float32, not the rounded bfloat16 export
-
-
-@pytest.mark.parametrize(
-    ("overrides", "resolved"),
-    [
-        ([], "fp32"),
-        (["model.dtype=bfloat16"], "bf16-mixed"),
-        (["model.dtype=bfloat16", "trainer.precision=bf16-pure"], "bf16-pure"),
-        (["trainer.precision=bf16-mixed"], "bf16-mixed"),
-    ],
-)
-def test_auto_never_steps_bfloat16_weights_without_masters(overrides, resolved):
-    assert student_precision(compose_cfg(overrides)) == resolved
-
-
-def test_float16_training_is_refused():
-    with pytest.raises(UserError, match="model.dtype: float16"):
-        student_precision(compose_cfg(["model.dtype=float16"]))
