@@ -8,6 +8,7 @@ import pytest
 from ..conftest import CLI_ENV, REPO, cli_argv
 
 
+@pytest.mark.cli
 def test_report_errors_in_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "opd_cli.commands.report", str(tmp_path)], capture_output=True, text=True

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ..conftest import REPO
+
+pytestmark = pytest.mark.cli
 
 
 def test_tiny_study_writes_every_output(tmp_path):

@@ -136,6 +136,7 @@ def run_cli(*args, env=None, timeout=300):
     )
 
 
+@pytest.mark.cli
 def test_cfg_job_prints_the_composed_config():
     out = run_cli("--cfg", "job", "loss=topk_lsm", "loss.k=16")
     assert out.returncode == 0, out.stderr
@@ -158,6 +159,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("args,pattern", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
 def test_bad_input_one_line_exit_2_nothing_overwritten(args, pattern, tmp_path):
     run_dir = tmp_path / "existing_run"
@@ -173,6 +175,7 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(args, pattern, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "metrics.jsonl"]
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     "args,pattern",
     [

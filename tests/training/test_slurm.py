@@ -38,6 +38,7 @@ def test_slurm_rendezvous_from_environment():
     assert slurm_rendezvous({}) is None
 
 
+@pytest.mark.cli
 def test_slurm_launcher_composes():
     out = subprocess.run(
         [*cli_argv("/tmp/unused", "/tmp/unused")[:3], "--cfg", "hydra", "hydra/launcher=slurm", "trainer.nnodes=4"],
