@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from opd_cli.objectives.diagnostics import repetition_counts, teacher_rank
+from opd_cli.objectives.diagnostics import MetricSums, repetition_counts, teacher_rank
 from opd_cli.objectives.registry import make_objective
 from opd_cli.objectives.student_pass import student_loss_and_metrics
 
@@ -138,3 +138,41 @@ def test_diagnostics_use_diag_k():
     for name in ("overlap_ratio", "overlap_adv", "overlap_mass_student", "teacher_rank"):
         assert got.means()[name] == pytest.approx(want.means()[name], rel=1e-12), name
     assert got.means()["overlap_ratio"] != pytest.approx(at_8.means()["overlap_ratio"])
+
+
+# --------------------------------------------------------------------------- metric sums
+
+
+def test_metric_sums_named_round_trip_and_means():
+    """add accumulates value x weight and weight per metric; named flattens to sum/<m> and weight/<m>;
+    from_named inverts it (other keys ignored); means divide, leaving out a metric of weight 0."""
+    sums = MetricSums()
+    sums.add("entropy", torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1.0, 0.0, 1.0]))
+    sums.add("entropy", torch.tensor([3.0]), torch.tensor([2.0]))
+    sums.add("teacher_rank", torch.tensor([2.0, 7.0]), torch.tensor([0.5, 0.5]))
+    sums.add("overlap_adv", torch.tensor([9.0]), torch.tensor([0.0]))  # no supervised token
+    named = sums.named()
+    assert named == {
+        "sum/entropy": 1 + 4 + 6,
+        "weight/entropy": 4.0,
+        "sum/teacher_rank": 4.5,
+        "weight/teacher_rank": 1.0,
+        "sum/overlap_adv": 0.0,
+        "weight/overlap_adv": 0.0,
+    }
+    back = MetricSums.from_named({**named, "rows": 3.0, "tokens": 12.0})
+    assert back.sums == sums.sums and back.weights == sums.weights
+    assert back.means() == {"entropy": 11 / 4, "teacher_rank": 4.5}
+
+
+def test_merged_sums_are_the_sums_of_the_named_values():
+    """Two micro-batches merged equal their named dicts added key by key (what a reduction across
+    ranks does), with a metric only one of them has."""
+    a, b = MetricSums(), MetricSums()
+    a.add("entropy", torch.tensor([1.0, 3.0]), torch.ones(2))
+    b.add("entropy", torch.tensor([5.0]), torch.ones(1))
+    b.add("repetition", torch.tensor([1.0, 0.0]), torch.ones(2))
+    added = {k: a.named().get(k, 0.0) + b.named().get(k, 0.0) for k in a.named().keys() | b.named().keys()}
+    a.merge(b)
+    assert a.named() == added
+    assert a.means() == {"entropy": 3.0, "repetition": 0.5}
