@@ -59,11 +59,11 @@ serve-teacher: $(STAMP) ## the teacher as a vLLM server: ARGS="teacher=openthink
 slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests and trying things)
 	bash scripts/slurm_up.sh
 
-test: $(STAMP) ## the whole test suite: unit, config and integration tests
+test: $(STAMP) ## the whole suite: unit, cli and integration tiers (gpu tests skip without CUDA); one tier: ARGS="-m cli"
 	$(PY) -m pytest -q $(ARGS)
 
-test-fast: $(STAMP) ## unit and config tests only (no real CLI runs)
-	$(PY) -m pytest -q -m "not integration" $(ARGS)
+test-fast: $(STAMP) ## the unit tier: in-process tests only, no CLI or other process (under a minute)
+	$(PY) -m pytest -q -m unit $(ARGS)
 
 lint: $(STAMP) ## ruff check and format check; imports point one way (scripts/check_imports.py)
 	$(VENV)/bin/ruff check src tests scripts

@@ -1,4 +1,14 @@
-"""Shared fixtures: a tiny tokenizer and tiny random Qwen2 models built from a config."""
+"""Shared fixtures (a tiny tokenizer and tiny random Qwen2 models built from a config), the CLI
+helpers, and the test tiers.
+
+Tiers (markers, pyproject.toml): ``unit`` runs in this process and starts no other (``make
+test-fast``); ``cli`` starts the real CLI or another process; ``integration`` runs the real CLI
+end to end on the demo models; ``gpu`` needs CUDA. A test carries the marker of its tier: one that
+is neither ``cli`` nor ``integration`` nor ``gpu`` is made ``unit`` here, except under
+tests/commands/, where a test without a tier is ``cli`` (the commands are the CLI). A unit test
+that starts a process fails (``_unit_tests_start_no_process``), and ``gpu`` tests are skipped
+where torch sees no CUDA device.
+"""
 
 import json
 import os
@@ -16,6 +26,67 @@ from opd_cli.models.demo import build_model, train_tokenizer
 from opd_cli.tasks.problems import arith_problems
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One intra-op thread for the torch work in this process (the CLI processes the tests start are
+# not affected). The tests' tensors are tiny, so a second thread costs more in hand-offs than it
+# saves, and where the cores are busy (the 2-core machine running something else) each op waits
+# for one: the unit tier took 138-200 s with torch's default of 2 threads and 45 s with one.
+# OMP_NUM_THREADS, when set, wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
+# ----------------------------------------------------------------------------- tiers
+
+NOT_UNIT = ("cli", "integration", "gpu")
+CLI_DIRS = (REPO / "tests" / "commands",)  # a test here without a tier starts the CLI: cli
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device (gpu tier); torch sees none")
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in NOT_UNIT}
+        if item.get_closest_marker("unit") and tiers:
+            raise pytest.UsageError(f"{item.nodeid}: marked unit and {', '.join(sorted(tiers))}; pick one tier")
+        if not tiers and not item.get_closest_marker("unit"):
+            in_cli_dir = any(item.path.is_relative_to(d) for d in CLI_DIRS)
+            item.add_marker(pytest.mark.cli if in_cli_dir else pytest.mark.unit)
+        if "gpu" in tiers and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+
+
+class ProcessInUnitTest(BaseException):
+    """A unit test started a process. A BaseException, so that code under test which turns an
+    ``Exception`` into a verdict (``except Exception``) cannot swallow it: the test fails."""
+
+
+class _NoProcess(subprocess.Popen):
+    """``subprocess.Popen`` for unit tests: starting a process fails, naming the test."""
+
+    nodeid = ""
+
+    def __init__(self, args, *rest, **kwargs):
+        raise ProcessInUnitTest(
+            f"{self.nodeid} is a unit test (make test-fast) but starts a process ({args!r}); mark it cli or integration"
+        )
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """Keep the unit tier honest: in a unit test, subprocess.run/Popen (and os.system) raise."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    refuse = type("NoProcess", (_NoProcess,), {"nodeid": request.node.nodeid})
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+    def run(args, *rest, **kwargs):
+        refuse(args)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os, "system", run)
+
+
+# ----------------------------------------------------------------------------- CLI helpers
 
 # A demo small enough to build in seconds: the integration tests exercise the real
 # build path (tokenizer training, SFT, caching) without waiting for a useful model.
@@ -86,6 +157,8 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_tokenizer):
+    """A 2-layer demo Qwen2, shared by the whole session: hand anything that changes a model a copy
+    (``HFTeacher`` freezes its model, which would break a later test that trains this one)."""
     cfg = SimpleNamespace(hidden_size=64, num_layers=2, seed=1)
     torch.manual_seed(1)
     return build_model(tiny_tokenizer, cfg).eval()

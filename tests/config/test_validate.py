@@ -1,0 +1,218 @@
+"""Every preset composes and validates; validation names the key; every key is documented; the
+training precision resolves as documented. The CLI's one-line errors are in tests/commands/test_train.py."""
+
+import re
+
+import pytest
+from omegaconf import OmegaConf
+
+from opd_cli.config.validate import student_precision, validate
+from opd_cli.errors import UserError
+
+from ..conftest import REPO, compose_cfg
+
+CONF = REPO / "conf"
+GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
+
+
+def presets(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
+def test_every_preset_composes_and_validates(group, preset):
+    cfg = compose_cfg([f"{group}={preset}"])
+    if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
+        validate(cfg)
+
+
+def test_real_world_presets():
+    cfg = compose_cfg(["model=qwen2.5-7b-instruct", "teacher=openthinker3", "task=dapo_math"])
+    assert cfg.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    assert cfg.teacher.name_or_path == "open-thoughts/OpenThinker3-7B"
+    assert cfg.task.dataset == "BytedTsinghua-SIA/DAPO-Math-17k"
+    validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.k=0", "loss.k: must be an integer >= 1, got 0"),
+        ("rollout.top_p=0", "rollout.top_p: must be in (0, 1], got 0.0"),
+        ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1], got 1.5"),
+        ("rollout.max_new_tokens=-3", "rollout.max_new_tokens: must be an integer >= 1, got -3"),
+        (
+            "loss.objective=nope",
+            "loss.objective: 'nope' is not one of: sampled_token, sampled_token_is, support_divergence",
+        ),
+        (
+            "loss.support=most",
+            "loss.support: 'most' is not one of: teacher, student, union, intersection, symdiff, full",
+        ),
+        ("loss.tail=true", "loss.tail: a tail bucket needs loss.renormalize=false and loss.support teacher or student"),
+        ("loss.beta=1.5", "loss.beta: must be in [0, 1], got 1.5"),
+        (
+            "trainer.nproc_per_node=2",
+            "trainer.engine: 2 processes need the deepspeed engine (trainer=zero1|zero2|zero3), not 'torch'",
+        ),
+        (
+            "trainer=zero2 trainer.nproc_per_node=2 trainer.prompts_per_step=5",
+            "trainer.prompts_per_step: 5 prompts cannot be split evenly over 2 processes",
+        ),
+        ("trainer.node_rank=1", "trainer.node_rank: must be in [0, 1), got 1"),
+        ("teacher.url=http://t:8000", "teacher.url: a teacher server needs teacher.backend=vllm"),
+        (
+            "teacher.backend=vllm teacher.url=ftp://t",
+            "teacher.url: must start with http:// or https://, got ftp://t",
+        ),
+        ("rollout=vllm rollout.gpu_memory_utilization=0", "rollout.gpu_memory_utilization: must be in (0, 1], got 0.0"),
+        ("model.name_or_path=/no/such/model", "model.name_or_path: local model path not found: /no/such/model"),
+        ("loss.gamma=2", "loss.gamma: must be in [0, 1], got 2.0"),
+        ("trainer.cpu_linear=mkl", "trainer.cpu_linear: 'mkl' is not one of: auto, onednn, blas"),
+        (
+            "task.question_regex='(a'",
+            "task.question_regex: not a regular expression (missing ), unterminated subpattern at position 0)",
+        ),
+        ("task.question_regex='a.*'", "task.question_regex: needs a named group (?P<question>...)"),
+        ("loss.tail_floor=0", "loss.tail_floor: must be in (0, 1), got 0.0"),
+        (
+            "eval.benchmarks=[aime42]",
+            "eval.benchmarks: unknown benchmark 'aime42'; choose from: aime24, aime25, amc23, arith, dapo_math, math500",
+        ),
+        (
+            "eval.benchmarks=[aime24] eval.benchmark_paths.aime24=/no.jsonl",
+            "eval.benchmark_paths.aime24: file not found: /no.jsonl",
+        ),
+        (
+            "teacher.backend=vllm teacher.temperature=2",
+            "teacher.temperature: vLLM's prompt_logprobs are temperature-1 values; use teacher.backend=hf",
+        ),
+        ("loss.log_ratio_clip=0", "loss.log_ratio_clip: must be > 0 or null, got 0.0"),
+        (
+            "loss.agg=seq-mean",
+            "loss.agg: 'seq-mean' is not one of: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+            "seq-mean-token-sum-norm",
+        ),
+        (
+            "trainer=zero2 +trainer.deepspeed.bf16.enabled=true",
+            "trainer.deepspeed.bf16: set trainer.precision instead (fp32, bf16-mixed or bf16-pure); "
+            "opd-train writes DeepSpeed's mixed-precision keys from it",
+        ),
+        (
+            "trainer=zero2 trainer.precision=bf16-pure",
+            "trainer.precision: bf16-pure (no float32 master weights) is for trainer.engine=torch; "
+            "DeepSpeed trains bf16 with float32 master weights: use bf16-mixed",
+        ),
+    ],
+)
+def test_validate_names_the_key(override, message):
+    with pytest.raises(UserError) as err:
+        validate(compose_cfg(override.split()))
+    assert str(err.value) == message
+
+
+def _documented_keys(path):
+    """Keys in a YAML file that lack a comment line directly above them (or above their block)."""
+    lines = path.read_text().splitlines()
+    missing = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][\w.-]*):", line)
+        if not m or m.group(2) in ("defaults", "hydra"):
+            continue
+        prev = lines[i - 1].strip() if i else ""
+        if not prev.startswith("#"):
+            missing.append(m.group(2))
+    return missing
+
+
+def test_every_base_key_has_a_comment():
+    """Each group's _base.yaml and train.yaml document every key (presets only override them)."""
+    files = [CONF / "train.yaml"] + sorted(CONF.glob("*/_base.yaml")) + [CONF / "rollout/hf.yaml"]
+    files += [CONF / "logger/wandb.yaml"] + sorted(CONF.glob("trainer/zero*.yaml"))
+    files += [CONF / "evaluate.yaml", CONF / "demo/default.yaml", CONF / "paths/default.yaml"]
+    undocumented = {str(f.relative_to(CONF)): _documented_keys(f) for f in files}
+    # structural keys of the hydra section are grouped under a commented parent
+    undocumented = {
+        k: [x for x in v if x not in ("run", "sweep", "callbacks", "validate", "eval", "demo", "paths")]
+        for k, v in undocumented.items()
+    }
+    assert not any(undocumented.values()), undocumented
+
+
+def test_schema_keys_are_all_in_the_documented_yaml():
+    """A key added to the schema must get a documented default in the YAML tree too."""
+    cfg = compose_cfg()
+    base = {
+        "model": CONF / "model/_base.yaml",
+        "teacher": CONF / "teacher/_base.yaml",
+        "loss": CONF / "loss/_base.yaml",
+        "rollout": CONF / "rollout/hf.yaml",
+        "task": CONF / "task/_base.yaml",
+        "trainer": CONF / "trainer/_base.yaml",
+        "logger": CONF / "logger/wandb.yaml",
+        "demo": CONF / "demo/default.yaml",
+        "paths": CONF / "paths/default.yaml",
+    }
+    for group, path in base.items():
+        documented = set(OmegaConf.load(path).keys()) - {"defaults"}
+        assert set(cfg[group].keys()) == documented, group
+
+
+def papers_doc_rows():
+    """(preset, key, value) for each row of docs/papers.md whose key is one dotted key and whose value
+    is one number or one backticked literal; a baseline's table changes its parent's values."""
+    import yaml
+
+    rows, preset = [], None
+    for line in (REPO / "docs/papers.md").read_text().splitlines():
+        if m := re.match(r"^(?:## Paper \w+: )?`(paper_\w+)`", line):
+            preset = m.group(1)
+        cells = [c.strip() for c in line.split("|")[1:-1]] if line.startswith("|") else []
+        if len(cells) < 3 or not (key := re.fullmatch(r"`([a-z_]+\.[a-z_.]+)`", cells[1])):
+            continue
+        value = cells[2]
+        if lit := re.fullmatch(r"`([^`\"]*)`", value):  # a quoted prompt is shown as rendered: not compared
+            value = lit.group(1)
+        elif re.fullmatch(r"-?[\d.]+(e-?\d+)?", value):
+            value = float(value)
+        else:
+            continue
+        rows.append((preset, key.group(1), yaml.safe_load(value) if isinstance(value, str) else value))
+    return rows
+
+
+def test_papers_doc_matches_the_presets():
+    """Every value docs/papers.md gives for a preset is what --cfg job composes (baselines inherit)."""
+    rows = papers_doc_rows()
+    parents = {"paper_a_baseline": "paper_a_lsm"}
+    checked, composed = {}, {}
+    for preset, key, value in rows:
+        if preset not in composed:  # one composition per preset, not per row (0.12 s each)
+            composed[preset] = compose_cfg([f"experiment={preset}"])
+        cfg = composed[preset]
+        got = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}))["v"]
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            assert got == pytest.approx(value), (preset, key)
+        else:
+            assert got == value, (preset, key)
+        checked[preset] = checked.get(preset, 0) + 1
+    for preset in presets("experiment"):
+        assert checked.get(preset, 0) >= (2 if preset in parents else 15), (preset, checked)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "resolved"),
+    [
+        ([], "fp32"),
+        (["model.dtype=bfloat16"], "bf16-mixed"),
+        (["model.dtype=bfloat16", "trainer.precision=bf16-pure"], "bf16-pure"),
+        (["trainer.precision=bf16-mixed"], "bf16-mixed"),
+    ],
+)
+def test_auto_never_steps_bfloat16_weights_without_masters(overrides, resolved):
+    assert student_precision(compose_cfg(overrides)) == resolved
+
+
+def test_float16_training_is_refused():
+    with pytest.raises(UserError, match="model.dtype: float16"):
+        student_precision(compose_cfg(["model.dtype=float16"]))

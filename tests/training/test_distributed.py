@@ -1,0 +1,166 @@
+"""Many ranks with DeepSpeed ZeRO on CPU processes (gloo), launched by the real opd-train (integration tier)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from opd_cli.objectives.advantages import AGG_MODES
+
+from ..conftest import CLI_ENV, REPO, cli_argv, metrics, opd_train
+
+pytestmark = pytest.mark.integration
+
+TWO = ["trainer.nproc_per_node=2", "logger=none"]
+
+
+@pytest.mark.parametrize(("stage", "precision"), [("zero2", "fp32"), ("zero3", "fp32"), ("zero2", "bf16-mixed")])
+def test_two_ranks_complete(stage, precision, tmp_path, models_dir):
+    opd_train(tmp_path, models_dir, f"trainer={stage}", *TWO, "trainer.max_steps=2", f"trainer.precision={precision}")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: rank 0
+    assert all(r["grad_norm"] > 0 for r in rows[1:])
+    ckpt = tmp_path / "checkpoints/step_000002"
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model")  # consolidated from the shards
+    assert all(p.numel() > 0 for p in model.parameters())
+    assert (tmp_path / "resolved_config.yaml").exists()
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_two_ranks_equal_one_process_with_accumulation(agg, tmp_path, models_dir):
+    """Same rollouts (nucleus 1e-4 makes sampling greedy), micro-batch 4: 2 ranks x 1 micro-batch
+    against 1 process x 2 micro-batches (gradient accumulation 2), for every loss aggregation."""
+    same = ["trainer=zero2", "logger=none", "trainer.max_steps=3", "rollout.top_p=0.0001", "trainer.micro_batch_size=4"]
+    same.append(f"loss.agg={agg}")
+    opd_train(tmp_path / "two", models_dir, *same, "trainer.nproc_per_node=2")
+    opd_train(tmp_path / "one", models_dir, *same, "trainer.nproc_per_node=1")
+    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert len(two) == len(one) == 4
+    for a, b in zip(two[1:], one[1:], strict=True):
+        assert a["response_length"] == b["response_length"]  # the same rollouts
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
+def test_resume_two_ranks(tmp_path, models_dir):
+    common = ["trainer=zero2", *TWO, "trainer.save_every=2"]
+    opd_train(tmp_path / "full", models_dir, *common, "trainer.max_steps=4")
+    opd_train(tmp_path / "part", models_dir, *common, "trainer.max_steps=2")
+    opd_train(tmp_path / "part", models_dir, *common, "trainer.max_steps=4", "trainer.resume=true")
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a[3:], b[3:], strict=True):
+        for key in ("loss", "grad_norm", "entropy", "response_length"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, ValueError):
+                pass
+    return kids
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    for pid in _children(parent):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return pid
+        except OSError:
+            pass
+    return None
+
+
+def _start(run_dir, models_dir, *args):
+    return subprocess.Popen(
+        cli_argv(run_dir, models_dir, *args),
+        cwd=REPO,
+        env=CLI_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_step(run_dir, step: int, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(r["step"] >= step for r in metrics(run_dir)):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached")
+
+
+LONG = ["trainer=zero2", *TWO, "trainer.max_steps=200", "eval.n_problems=2", "eval.k=1"]
+
+
+def test_killing_one_rank_stops_the_job(tmp_path, models_dir):
+    proc = _start(tmp_path, models_dir, *LONG)
+    _wait_for_step(tmp_path, 1, proc)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t0 < 60
+    assert proc.returncode != 0
+    assert "rank 1 failed" in err, err[-2000:]
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, models_dir):
+    proc = _start(tmp_path, models_dir, *LONG)
+    _wait_for_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert saved, err[-2000:]
+    step = int(saved[-1].removeprefix("step_"))
+    assert step >= 2
+    opd_train(tmp_path, models_dir, *LONG[:-3], f"trainer.max_steps={step + 1}", "trainer.resume=true")
+    assert [r["step"] for r in metrics(tmp_path)][-2:] == [step, step + 1]
+
+
+def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path, models_dir):
+    common = ["trainer=zero2", *TWO, "trainer.save_every=1"]
+    out = subprocess.run(
+        cli_argv(tmp_path, models_dir, *common, "trainer.max_steps=3"),
+        cwd=REPO,
+        env={**CLI_ENV, "OPD_TEST_KILL_BEFORE_COMMIT": "step_000002"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_000001"]
+    opd_train(tmp_path, models_dir, *common, "trainer.max_steps=3", "trainer.resume=true")
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3]
+    assert (tmp_path / "checkpoints/step_000003/trainer_state.pt").exists()
+
+
+def test_sharded_teacher_under_zero3(tmp_path, models_dir):
+    opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", "teacher.shard=true")
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["eval/acc_teacher"] >= 0
+
+
+def test_sharded_teacher_refuses_an_objective_needing_the_full_q(tmp_path, models_dir):
+    args = ["trainer=zero3", *TWO, "trainer.max_steps=1", "teacher.shard=true", "loss=full_rkl"]
+    out = subprocess.run(cli_argv(tmp_path, models_dir, *args), capture_output=True, text=True, cwd=REPO, env=CLI_ENV)
+    assert out.returncode == 2
+    assert "error: loss: 'full_rkl' needs full from the teacher" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

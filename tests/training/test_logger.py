@@ -1,0 +1,111 @@
+"""metrics.jsonl and W&B (training/logger.py): a fresh run starts the file anew, a resumed run drops the
+lines of the steps it redoes, and W&B gets the same rows under one run id per run directory.
+
+W&B is a stand-in module here (the real one starts a service process and is exercised end to end by
+tests/commands/test_train.py::test_topk_lsm_two_steps_with_wandb_offline).
+"""
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from opd_cli.training.logger import MetricsLogger
+
+from ..conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def no_wandb():
+    return compose_cfg(["logger=none"]).logger
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def old_run(run_dir, last_step: int) -> list[dict]:
+    """metrics.jsonl of a run that logged steps 0..last_step (step 0: the evaluation before training)."""
+    old = [{"step": 0, "eval/acc": 0.1}] + [{"step": s, "loss": 10.0 + s} for s in range(1, last_step + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    return old
+
+
+def test_a_fresh_run_starts_the_file_anew(tmp_path, no_wandb):
+    old_run(tmp_path, 5)  # a directory used before (e.g. a sweep run again)
+    logger = MetricsLogger(tmp_path, no_wandb, {}, None)
+    logger.log(0, {"eval/acc": 0.2})
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert rows(tmp_path) == [{"step": 0, "eval/acc": 0.2}, {"step": 1, "loss": 1.0}]
+    assert logger.wandb is None
+
+
+def test_resume_drops_the_steps_after_the_checkpoint(tmp_path, no_wandb):
+    """The run got to step 5, its last checkpoint is step 3: steps 4 and 5 are redone, so their old
+    lines go and the new ones follow step 3's, each step once."""
+    old = old_run(tmp_path, 5)
+    logger = MetricsLogger(tmp_path, no_wandb, {}, 3)
+    assert rows(tmp_path) == old[:4]  # already on disk before the first new row
+    for step in (4, 5, 6):
+        logger.log(step, {"loss": float(step)})
+    logger.close()
+    assert rows(tmp_path) == old[:4] + [{"step": s, "loss": float(s)} for s in (4, 5, 6)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
+
+
+def test_resume_without_a_metrics_file_starts_one(tmp_path, no_wandb):
+    logger = MetricsLogger(tmp_path, no_wandb, {}, 2)
+    logger.log(3, {"loss": 0.5})
+    logger.close()
+    assert rows(tmp_path) == [{"step": 3, "loss": 0.5}]
+
+
+class FakeWandb:
+    """The part of the ``wandb`` module MetricsLogger uses, recording what it is given."""
+
+    def __init__(self) -> None:
+        self.inits: list[dict] = []
+        self.logged: list[tuple[dict, int]] = []
+        self.summary: dict = {}
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return SimpleNamespace(
+            log=lambda metrics, step: self.logged.append((metrics, step)),
+            summary=self.summary,
+            finish=lambda: setattr(self, "finished", self.finished + 1),
+        )
+
+
+def test_wandb_gets_every_row_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = compose_cfg(["logger=wandb"]).logger  # offline by default
+    logger = MetricsLogger(tmp_path, cfg, {"loss": {"k": 4}}, None)
+    logger.log(1, {"loss": 2.0})
+    logger.summary({"gap_recovery": 0.5})
+    logger.close()
+    resumed = MetricsLogger(tmp_path, cfg, {"loss": {"k": 4}}, 1)
+    resumed.log(2, {"loss": 1.0})
+    resumed.close()
+    first, second = fake.inits
+    assert first["mode"] == "offline" and first["resume"] == "allow" and first["dir"] == str(tmp_path)
+    assert first["config"] == {"loss": {"k": 4}} and first["name"] == tmp_path.name
+    assert first["id"] == second["id"] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert fake.logged == [({"loss": 2.0}, 1), ({"loss": 1.0}, 2)]
+    assert fake.summary == {"gap_recovery": 0.5} and fake.finished == 2
+    assert rows(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}]
+    other = tmp_path / "other"
+    other.mkdir()
+    MetricsLogger(other, cfg, {}, None).close()
+    assert fake.inits[2]["id"] != first["id"]  # another run directory, another W&B run
+
+
+def test_wandb_disabled_is_not_started(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    MetricsLogger(tmp_path, compose_cfg(["logger=wandb", "logger.mode=disabled"]).logger, {}, None).close()
+    assert fake.inits == []
