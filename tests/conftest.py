@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 # One intra-op thread for the torch work in this process (the CLI processes the tests start are
 # not affected). The tests' tensors are tiny, so a second thread costs more in hand-offs than it
 # saves, and where the cores are busy (the 2-core machine running something else) each op waits
-# for one: the unit tier took 138-200 s with torch's default of 2 threads and 45 s with one.
+# for one: the unit tier took 138-200 s with torch's default of 2 threads and 35-45 s with one.
 # OMP_NUM_THREADS, when set, wins.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
