@@ -60,6 +60,8 @@ def test_opd_eval_reports_every_benchmark(tmp_path, models_dir):
         (["rollout.max_prompt_tokens=8"], "error: rollout.max_prompt_tokens: opd-eval samples with the eval.* keys"),
         (["eval.every=5"], "error: eval.every: "),
         (["eval.top_p=0"], "error: eval.top_p: must be in (0, 1], got 0"),
+        (["eval.temperature=0"], "error: eval.temperature: must be a finite number > 0, got 0"),
+        (["model.name_or_path=demo:nope"], "error: model.name_or_path: 'demo:nope' is not one of: demo:student"),
         (["model.name_or_path=/no/model"], "error: model.name_or_path: local model path not found: /no/model"),
     ],
 )

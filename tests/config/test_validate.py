@@ -60,6 +60,15 @@ def test_real_world_presets():
             "trainer.prompts_per_step: 5 prompts cannot be split evenly over 2 processes",
         ),
         ("trainer.node_rank=1", "trainer.node_rank: must be in [0, 1), got 1"),
+        ("trainer.lr=inf", "trainer.lr: must be a finite number > 0, got inf"),
+        ("rollout.temperature=0", "rollout.temperature: must be a finite number > 0, got 0.0"),
+        ("rollout.temperature=inf", "rollout.temperature: must be a finite number > 0, got inf"),
+        ("trainer.weight_decay=-1", "trainer.weight_decay: must be a finite number >= 0, got -1.0"),
+        ("trainer.betas=[0.9]", "trainer.betas: must be two numbers in [0, 1) (AdamW's beta1, beta2), got [0.9]"),
+        (
+            "trainer.betas=[2.0,3.0]",
+            "trainer.betas: must be two numbers in [0, 1) (AdamW's beta1, beta2), got [2.0, 3.0]",
+        ),
         ("teacher.url=http://t:8000", "teacher.url: a teacher server needs teacher.backend=vllm"),
         (
             "teacher.backend=vllm teacher.url=ftp://t",

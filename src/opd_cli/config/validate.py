@@ -8,6 +8,7 @@ registries.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,13 @@ def validate(cfg: Any) -> None:
         "trainer.lr",
         "trainer.max_grad_norm",
     ):
-        if not _get(cfg, key) > 0:
-            raise UserError(f"{key}: must be > 0, got {_get(cfg, key)}")
+        if not 0 < _get(cfg, key) < math.inf:
+            raise UserError(f"{key}: must be a finite number > 0, got {_get(cfg, key)}")
+    if not 0 <= cfg.trainer.weight_decay < math.inf:
+        raise UserError(f"trainer.weight_decay: must be a finite number >= 0, got {cfg.trainer.weight_decay}")
+    betas = list(cfg.trainer.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise UserError(f"trainer.betas: must be two numbers in [0, 1) (AdamW's beta1, beta2), got {betas}")
     if not 0 <= cfg.loss.gamma <= 1:
         raise UserError(f"loss.gamma: must be in [0, 1], got {cfg.loss.gamma}")
     for key in ("loss.clip_ratio_low", "loss.clip_ratio_high"):
@@ -301,8 +307,8 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
     for key in ("eval.top_p", "rollout.gpu_memory_utilization"):
         if not 0 < _get(cfg, key) <= 1:
             raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
-    if not cfg.eval.temperature > 0:
-        raise UserError(f"eval.temperature: must be > 0, got {cfg.eval.temperature}")
+    if not 0 < cfg.eval.temperature < math.inf:
+        raise UserError(f"eval.temperature: must be a finite number > 0, got {cfg.eval.temperature}")
     for k in cfg.pass_k:
         if not 1 <= k <= cfg.eval.k:
             raise UserError(f"pass_k: {k} must be between 1 and eval.k ({cfg.eval.k})")
