@@ -52,6 +52,18 @@ def test_resume_drops_the_steps_after_the_checkpoint(tmp_path, no_wandb):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temporary file left
 
 
+def test_resume_drops_a_half_written_last_line(tmp_path, no_wandb):
+    """A run killed while writing left part of a row: resuming keeps the whole rows up to the
+    checkpoint and drops the fragment, so every line of the file parses again."""
+    old = old_run(tmp_path, 3)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "lo')
+    logger = MetricsLogger(tmp_path, no_wandb, {}, 3)
+    logger.log(4, {"loss": 4.0})
+    logger.close()
+    assert rows(tmp_path) == old + [{"step": 4, "loss": 4.0}]
+
+
 def test_resume_without_a_metrics_file_starts_one(tmp_path, no_wandb):
     logger = MetricsLogger(tmp_path, no_wandb, {}, 2)
     logger.log(3, {"loss": 0.5})

@@ -17,8 +17,9 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, cfg, config_dict: dict[str, Any], resume_step: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Steps after the checkpoint we resume from are redone: drop their old lines.
-            kept = [ln for ln in self.path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
+            # Steps after the checkpoint we resume from are redone: drop their old lines, and a line a
+            # killed run left half-written
+            kept = [ln for ln in self.path.read_text().splitlines() if _step(ln, resume_step + 1) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             os.replace(tmp, self.path)
@@ -69,6 +70,15 @@ class NullLogger:
 
     def close(self) -> None:
         pass
+
+
+def _step(line: str, otherwise: int) -> int:
+    """The step of a ``metrics.jsonl`` line; ``otherwise`` for a line that is not a whole row."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return otherwise
+    return row["step"] if isinstance(row, dict) and isinstance(row.get("step"), int) else otherwise
 
 
 def _wandb_id(run_dir: Path) -> str:
