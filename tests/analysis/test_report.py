@@ -5,6 +5,8 @@ opd-report itself, on a real sweep, is in tests/commands/test_report.py.
 
 import json
 
+import pytest
+
 from opd_cli.analysis.report import labels, write_report
 
 
@@ -31,3 +33,22 @@ def test_report_of_fake_runs(tmp_path):
     assert "| loss.k=1 | 2 |" in text and "| loss.k=4 | 2 |" in text
     assert (tmp_path / "report/loss.png").exists() and (tmp_path / "report/eval_acc.png").exists()
     assert not (tmp_path / "report/grad_norm.png").exists()  # no run logged it: no empty plot
+
+
+@pytest.mark.parametrize(
+    ("metrics", "summary", "message"),
+    [
+        ('{"step": 1, "loss": 1.0}\n{"loss": 2.0}\n', None, r"metrics.jsonl:2: not a metrics row"),
+        ('{"step": 1, "loss": 1.0}\n[1, 2]\n', None, r"metrics.jsonl:2: not a metrics row"),
+        ("", None, r"metrics.jsonl: no metrics rows"),
+        ('{"step": 1, "loss": 1.0}\n', "{not json", r"summary.json: not valid JSON"),
+        ('{"step": 1, "loss": 1.0}\n', "[0.5]", r"summary.json: not a JSON object"),
+    ],
+)
+def test_damaged_run_files_are_named_and_nothing_is_written(tmp_path, metrics, summary, message):
+    (tmp_path / "metrics.jsonl").write_text(metrics)
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    with pytest.raises(ValueError, match=message):
+        write_report(tmp_path)
+    assert not (tmp_path / "report").exists()

@@ -39,14 +39,36 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``; a ``ValueError`` naming the file (and line) if one is
+    not a JSON object with an integer ``step``, or if there is none."""
+    path = run / "metrics.jsonl"
     rows = []
-    for line_no, line in enumerate((run / "metrics.jsonl").read_text().splitlines(), 1):
+    for line_no, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                raise ValueError(f"{run / 'metrics.jsonl'}:{line_no}: not valid JSON") from None
+                raise ValueError(f"{path}:{line_no}: not valid JSON") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}:{line_no}: not a metrics row (a JSON object with an integer step)")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no metrics rows")
     return rows
+
+
+def read_summary(run: Path) -> dict:
+    """A run's ``summary.json`` ({} before the run finished); a ``ValueError`` naming it if it is damaged."""
+    path = run / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: not valid JSON") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return summary
 
 
 def overrides(run: Path) -> list[str]:
@@ -68,8 +90,8 @@ def labels(runs: list[Path]) -> list[str]:
     return out
 
 
-def plot_curves(runs: list[Path], names: list[str], out: Path) -> list[Path]:
-
+def plot_curves(data: list[list[dict]], names: list[str], out: Path) -> list[Path]:
+    """One PNG per training curve in ``out``, a line per run (``data``: each run's metrics rows)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -77,7 +99,6 @@ def plot_curves(runs: list[Path], names: list[str], out: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
 
     files = []
-    data = [read_metrics(r) for r in runs]
     for key, title in CURVES:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         drawn = False
@@ -113,17 +134,18 @@ def write_report(root: Path) -> Path:
     runs = find_runs(root)
     if not runs:
         raise FileNotFoundError(f"{root}: no run directory (metrics.jsonl) found")
+    # every file is read (and refused if damaged) before anything is written
+    data, summaries = [read_metrics(r) for r in runs], [read_summary(r) for r in runs]
     out = root / "report"
     out.mkdir(exist_ok=True)
     names = labels(runs)
-    files = plot_curves(runs, names, out)
+    files = plot_curves(data, names, out)
     lines = [f"# Report: {root}", "", f"{len(runs)} run(s). Final training metrics and evaluation:", ""]
     lines.append("| run | step | " + " | ".join(TABLE + SUMMARY) + " |")
     lines.append("|---" * (2 + len(TABLE) + len(SUMMARY)) + "|")
-    for run, name in zip(runs, names, strict=True):
-        rows = [r for r in read_metrics(run) if "loss" in r]
+    for all_rows, summary, name in zip(data, summaries, names, strict=True):
+        rows = [r for r in all_rows if "loss" in r]
         last = rows[-1] if rows else {}
-        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
         cells = (
             [name, fmt(last.get("step"))] + [fmt(last.get(k)) for k in TABLE] + [fmt(summary.get(k)) for k in SUMMARY]
         )
