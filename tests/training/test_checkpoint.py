@@ -6,12 +6,15 @@ file); none of that may ever be taken for the latest checkpoint. The real kill, 
 tests/training/test_distributed.py::test_killed_during_save_resumes_from_previous_checkpoint.
 """
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from opd_cli.training.checkpoint import STATE_FILE, checkpoint_dirs, commit, latest_checkpoint
+from opd_cli.training.checkpoint import STATE_FILE, checkpoint_dirs, commit, latest_checkpoint, remove_stale_saves
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +28,10 @@ def write(run: Path, step: int, tag: str = "", state: bool = True) -> Path:
     tmp, _ = checkpoint_dirs(run, step)
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "model").mkdir(parents=True)
-    (tmp / "model/weights").write_text(f"step {step} {tag}")
+    (tmp / "model/config.json").write_text(json.dumps({"step": step, "tag": tag}))
+    save_file({"w": torch.full((4,), float(step))}, tmp / "model/model.safetensors")
     if state:
-        (tmp / STATE_FILE).write_text(f"state {step} {tag}")
+        torch.save({"step": step, "tag": tag}, tmp / STATE_FILE)
     return tmp
 
 
@@ -81,7 +85,7 @@ def test_commit_is_one_rename_of_the_complete_directory(tmp_path, monkeypatch):
     assert renames == [(tmp, final)]
     assert not tmp.exists()
     assert latest_checkpoint(tmp_path) == final
-    assert (final / "model/weights").read_text() == "step 2 "
+    assert json.loads((final / "model/config.json").read_text()) == {"step": 2, "tag": ""}
 
 
 def test_older_checkpoints_survive_and_a_step_saved_again_is_replaced(tmp_path):
@@ -91,6 +95,29 @@ def test_older_checkpoints_survive_and_a_step_saved_again_is_replaced(tmp_path):
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_000001", "step_000002", "step_000003"]
     for step in (1, 2):
-        assert (root / f"step_{step:06d}" / STATE_FILE).read_text() == f"state {step} first"
-    assert (root / "step_000003" / STATE_FILE).read_text() == "state 3 again"
+        assert torch.load(root / f"step_{step:06d}" / STATE_FILE) == {"step": step, "tag": "first"}
+    assert torch.load(root / "step_000003" / STATE_FILE) == {"step": 3, "tag": "again"}
     assert latest_checkpoint(tmp_path) == root / "step_000003"
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "truncated state", "no config"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage, caplog):
+    save(tmp_path, 3)
+    newest = save(tmp_path, 6)
+    if damage == "truncated weights":
+        path = newest / "model/model.safetensors"
+        path.write_bytes(path.read_bytes()[:-8])
+    elif damage == "truncated state":
+        path = newest / STATE_FILE
+        path.write_bytes(path.read_bytes()[:20])
+    else:
+        (newest / "model/config.json").unlink()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints/step_000003"
+    assert "step_000006 is damaged" in caplog.text
+
+
+def test_stale_temporary_saves_are_removed(tmp_path):
+    save(tmp_path, 2)
+    write(tmp_path, 4)  # a save killed before its commit
+    remove_stale_saves(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000002"]

@@ -149,6 +149,7 @@ def test_killed_during_save_resumes_from_previous_checkpoint(tmp_path, models_di
     opd_train(tmp_path, models_dir, *common, "trainer.max_steps=3", "trainer.resume=true")
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2, 3]
     assert (tmp_path / "checkpoints/step_000003/trainer_state.pt").exists()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the killed save's leftovers are gone
 
 
 def test_sharded_teacher_under_zero3(tmp_path, models_dir):

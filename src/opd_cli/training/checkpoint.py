@@ -12,6 +12,8 @@ save on purpose with ``OPD_TEST_KILL_BEFORE_COMMIT=step_<NNNNNN>``.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _PREFIX = "step_"
 
@@ -44,9 +48,42 @@ def commit(tmp: Path, final: Path) -> Path:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint that can be read; newer damaged ones are skipped with a warning."""
     root = run_dir / "checkpoints"
     done = sorted(p for p in root.glob(f"{_PREFIX}*") if (p / STATE_FILE).exists())
-    return done[-1] if done else None
+    for ckpt in reversed(done):
+        if (problem := damage(ckpt)) is None:
+            return ckpt
+        log.warning("%s is damaged (%s): resuming from an earlier checkpoint", ckpt, problem)
+    return None
+
+
+def damage(ckpt: Path) -> str | None:
+    """What makes a committed checkpoint unreadable (a truncated or corrupt file), or None.
+
+    Reads the trainer state, the model's config and each safetensors file's header (not the
+    tensors), so a damaged newest checkpoint is found before any weight is loaded.
+    """
+    from safetensors import safe_open
+
+    try:
+        torch.load(ckpt / STATE_FILE, weights_only=False, map_location="cpu")
+        json.loads((ckpt / "model" / "config.json").read_text())
+        weights = sorted((ckpt / "model").glob("*.safetensors"))
+        if not weights:
+            return "no model weights"
+        for path in weights:
+            with safe_open(str(path), framework="pt"):  # checks the header against the file's size
+                pass
+    except Exception as e:  # any unreadable file: the message says which
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    return None
+
+
+def remove_stale_saves(run_dir: Path) -> None:
+    """Delete the ``.tmp-step_*`` directories of saves a killed process never committed."""
+    for tmp in (run_dir / "checkpoints").glob(f".tmp-{_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_rng(directory: Path, rank: int) -> None:

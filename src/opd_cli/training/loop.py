@@ -21,7 +21,7 @@ from tqdm import tqdm
 from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.config.validate import validate
 from opd_cli.contracts import Trainer
-from opd_cli.dist import Rank, all_reduce, all_reduce_named, init_process_group, pick_device, shard, this_rank
+from opd_cli.dist import Rank, all_reduce, all_reduce_named, barrier, init_process_group, pick_device, shard, this_rank
 from opd_cli.errors import Stopped
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
 from opd_cli.objectives.base import Objective
@@ -31,7 +31,7 @@ from opd_cli.objectives.registry import teacher_k
 from opd_cli.tasks.problems import load_problems
 from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
-from opd_cli.training.checkpoint import latest_checkpoint
+from opd_cli.training.checkpoint import latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
 from opd_cli.training.data import eval_seed, rollout_seed, step_prompts
 from opd_cli.training.evaluation import evaluate
@@ -189,6 +189,9 @@ def train(cfg, run_dir: Path) -> dict:
     eval_problems = eval_problems[: cfg.eval.n_problems]
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
     resume = cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if rank.main:
+        remove_stale_saves(run_dir)  # saves a killed process never committed
+    barrier()
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
