@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra import compose, initialize_config_dir
 
+from opd_cli.commands.app import CONF_DIR
 from opd_cli.config.schema import register_configs
 from opd_cli.config.validate import validate
 from opd_cli.errors import one_line_errors
@@ -41,8 +41,7 @@ def server_command(cfg, model_path: str) -> list[str]:
 
 def main() -> None:
     register_configs()
-    conf = Path(__file__).resolve().parents[3] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=sys.argv[1:])
     with one_line_errors():
         validate(cfg)
