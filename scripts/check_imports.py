@@ -27,6 +27,7 @@ LAYERS = [
     "models",
     "rollout",
     "teacher",
+    "config.rundir",
     "config.validate",
     "training",
     "analysis",

@@ -120,6 +120,29 @@ def test_killing_one_rank_stops_the_job(tmp_path, models_dir):
     assert "rank 1 failed" in err, err[-2000:]
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_the_launcher_kills_its_ranks(tmp_path, models_dir):
+    """kill -9 of opd-train leaves no handler to stop the ranks; they die with it instead of running on."""
+    proc = _start(tmp_path, models_dir, *LONG)
+    _wait_for_step(tmp_path, 1, proc)
+    ranks = [_rank_pid(proc.pid, r) for r in (0, 1)]
+    assert None not in ranks
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while any(map(_alive, ranks)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, ranks)), f"ranks still alive 10 s after the launcher died: {ranks}"
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, models_dir):
     proc = _start(tmp_path, models_dir, *LONG)
     _wait_for_step(tmp_path, 2, proc)
@@ -130,7 +153,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, models_dir):
     assert saved, err[-2000:]
     step = int(saved[-1].removeprefix("step_"))
     assert step >= 2
-    opd_train(tmp_path, models_dir, *LONG[:-3], f"trainer.max_steps={step + 1}", "trainer.resume=true")
+    opd_train(tmp_path, models_dir, *LONG, f"trainer.max_steps={step + 1}", "trainer.resume=true")
     assert [r["step"] for r in metrics(tmp_path)][-2:] == [step, step + 1]
 
 

@@ -5,30 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config.schema import register_configs
+from opd_cli.config.validate import describe_config_error
 from opd_cli.errors import fail, one_line_errors
 
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
-
-
-def describe_config_error(err: Exception) -> str:
-    """One line from Hydra's and OmegaConf's (multi-line) composition errors."""
-    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
-        group, _, name = err.missing_cfg_file.rpartition("/")
-        options = [o for o in err.options if not o.startswith("_")]  # _base files are not presets
-        return f"{group}: unknown preset '{name}'; choose one of: {', '.join(options)}"
-    if isinstance(err, OverrideParseException):
-        return (
-            f"cannot parse the override '{err.override}': quote values with special characters, e.g. key='<|im_end|>'"
-        )
-    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
-    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
-    key = getattr(cause, "full_key", None)
-    head = lines[0] if lines else type(cause).__name__
-    return f"{key}: {head}" if key and key not in head else head
 
 
 def run_app(hydra_main) -> None:

@@ -8,15 +8,27 @@ registries.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import re
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import OmegaConfBaseException
 
-from opd_cli.errors import UserError, one_line_errors
+from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
+from opd_cli.config.schema import TrainConfig
+from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.loading import DTYPES, looks_local
 from opd_cli.objectives.advantages import AGG_MODES
 from opd_cli.objectives.divergence import KNOB_CHOICES
@@ -317,23 +329,141 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
     check_models(cfg, ("model.name_or_path",))
 
 
-class ValidateCallback(Callback):
-    """Hydra callback: check the composed config before any run directory is made.
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """A ``+key=value`` override adds a key; only a free-form dictionary (``trainer.deepspeed``,
+    ``task.chat_template_kwargs``) takes new keys. Elsewhere a ``+`` key is a typo that would be ignored."""
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.key_or_group
+        if not o.is_add() and not o.is_force_add() or key.startswith(("hydra.", "hydra/")):
+            continue
+        parent_key, _, name = key.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+        schema = OmegaConf.get_type(parent) if isinstance(parent, DictConfig) else None
+        if schema is None or not dataclasses.is_dataclass(schema):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {parent_key + '.' if parent_key else ''}{close[0]}?" if close else ""
+            where = f"'{parent_key}'" if parent_key else "the config"
+            raise UserError(f"{key}: not a key of {where} (a '+' adds keys only to free-form maps){hint}")
 
-    ``command``: ``train`` (opd-train's checks) or ``evaluate`` (opd-eval's).
+
+def sweep_points(config: DictConfig) -> tuple[list[list[str]], set[str]]:
+    """The overrides of each job of a multirun sweep (Hydra's basic sweeper: the cartesian product), and
+    the keys the sweep varies."""
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
+
+
+def describe_config_error(err: Exception) -> str:
+    """One line from Hydra's and OmegaConf's (multi-line) composition errors."""
+    if isinstance(err, MissingConfigException) and err.options is not None and err.missing_cfg_file:
+        group, _, name = err.missing_cfg_file.rpartition("/")
+        options = [o for o in err.options if not o.startswith("_")]  # _base files are not presets
+        return f"{group}: unknown preset '{name}'; choose one of: {', '.join(options)}"
+    if isinstance(err, OverrideParseException):
+        return (
+            f"cannot parse the override '{err.override}': quote values with special characters, e.g. key='<|im_end|>'"
+        )
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
+    key = getattr(cause, "full_key", None)
+    head = lines[0] if lines else type(cause).__name__
+    return f"{key}: {head}" if key and key not in head else head
+
+
+@contextmanager
+def checks_end_the_process() -> Iterator[None]:
+    """Bad input ends the process in one line; so does a crash of a check (with its traceback), which Hydra
+    would otherwise turn into a warning before running on with an unchecked config."""
+    with one_line_errors():
+        try:
+            yield
+        except (UserError, SystemExit):
+            raise
+        except (HydraException, OmegaConfBaseException) as e:  # composing a sweep's job
+            fail(describe_config_error(e))
+        except Exception:
+            traceback.print_exc()
+            raise SystemExit(1) from None
+
+
+class ValidateCallback(Callback):
+    """Hydra callback: check the composed config before any run directory is made or touched.
+
+    ``command``: ``train`` (opd-train's checks) or ``evaluate`` (opd-eval's). For opd-train it
+    also keeps a run directory's identity (``opd_cli.config.rundir``): a directory holding a run
+    is refused unless ``trainer.resume=true``, and a resume runs the saved config. Hydra turns an
+    exception raised in a callback into a warning and runs on, so a bad value ends the process here.
     """
 
     def __init__(self, command: str = "train") -> None:
         self.command = command
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Hydra turns an exception raised in a callback into a warning and runs on,
-        # so a bad value must end the process here, before the run directory is made.
-        with one_line_errors():
+        with checks_end_the_process():
+            overrides = list(config.hydra.overrides.task)
+            check_added_keys(config, overrides)
             if self.command == "evaluate":
-                validate_evaluate(config, list(config.hydra.overrides.task))
+                validate_evaluate(config, overrides)
+                check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+                return
+            validate(config)
+            run_dir = Path(config.hydra.run.dir)
+            check_writable(run_dir, "hydra.run.dir")
+            if config.trainer.resume:
+                resume_in_place(config, run_dir, overrides)
             else:
-                validate(config)
+                check_fresh(run_dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        pass  # each job is checked in ``train`` with its sweep values filled in
+        """Every job of the sweep is checked before the first starts; a used sweep directory needs a resume."""
+        with checks_end_the_process():
+            sweep_dir = Path(config.hydra.sweep.dir)
+            check_writable(sweep_dir, "hydra.sweep.dir")
+            points, swept = sweep_points(config) if "BasicSweeper" in config.hydra.sweeper._target_ else ([[]], set())
+            for point in points:
+                job = compose(config_name=config.hydra.job.config_name, overrides=point)
+                try:
+                    check_added_keys(job, point)
+                    validate(job) if self.command == "train" else validate_evaluate(job, point)
+                except UserError as e:
+                    which = " ".join(o for o in point if o.split("=", 1)[0].lstrip("+~") in swept)
+                    raise UserError(f"{e} (in the sweep's job {which})" if which else str(e)) from None
+            if self.command != "train":
+                return
+            if not config.trainer.resume:
+                for job_dir in sorted(p for p in sweep_dir.glob("*") if p.is_dir()) if sweep_dir.is_dir() else ():
+                    check_fresh(job_dir, "hydra.sweep.dir")
+            else:  # each job compares its config with its saved one; keep the jobs' first .hydra records
+                with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
+                    config.hydra.overrides.hydra.append(f"hydra.output_subdir={resume_record_dir(sweep_dir)}")
+
+
+def resume_record_dir(run_dir: Path) -> str:
+    """Where Hydra records a resume's command (``.hydra/resume-<n>``), so that the run's own ``.hydra`` stays."""
+    records = [*Path(run_dir).glob(".hydra/resume-*"), *Path(run_dir).glob("*/.hydra/resume-*")]
+    found = [int(m.group(1)) for p in records if (m := re.fullmatch(r"resume-(\d+)", p.name))]
+    n = max(found, default=0) + 1
+    return f".hydra/resume-{n}"
+
+
+def resume_in_place(config: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """Turn the composed config of ``trainer.resume=true`` into the run's saved config, with the overrides a
+    resume may make (``rundir.restore``), checked again; Hydra records the resume apart from the run's record."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return  # nothing to continue: the run starts from scratch (train warns)
+    task = OmegaConf.to_container(config, resolve=False)
+    task.pop("hydra")
+    restored = restore(saved, OmegaConf.create(task), overrides, set(config.hydra.runtime.choices), run_dir)
+    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), restored)  # exactly the saved values, typed
+    with read_write(config), open_dict(config):
+        for key in typed:
+            config[key] = typed[key]
+        config.trainer.resume = True
+        config.hydra.output_subdir = resume_record_dir(run_dir)
+    validate(config)
+    check_steps_ahead(run_dir, config.trainer.max_steps)

@@ -26,6 +26,8 @@ EXIT_RANK_FAILED = 1
 
 
 RESOLVED_CONFIG = "resolved_config.yaml"
+# the environment variable that tells each rank the pid of the opd-train that started it (commands.worker)
+LAUNCHER_PID = "OPD_LAUNCHER_PID"
 
 
 def first_host(nodelist: str) -> str:
@@ -66,6 +68,7 @@ def launch(cfg, run_dir: Path) -> None:
     resolved = run_dir / RESOLVED_CONFIG
     OmegaConf.save(cfg, resolved, resolve=True)
     port = where["master_port"] or free_port()
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # the ranks inherit it
     config = LaunchConfig(
         min_nodes=where["nnodes"],
         max_nodes=where["nnodes"],

@@ -19,10 +19,11 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from opd_cli.batch import RolloutBatch, chunk_bounds
+from opd_cli.config.rundir import RUN_CONFIG, check_fresh, check_same_run, saved_config
 from opd_cli.config.validate import validate
 from opd_cli.contracts import Trainer
 from opd_cli.dist import Rank, all_reduce, all_reduce_named, barrier, init_process_group, pick_device, shard, this_rank
-from opd_cli.errors import Stopped
+from opd_cli.errors import Stopped, UserError
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
@@ -116,11 +117,25 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
         outcome = None if scores is None else lc.outcome_weight * group_advantage(scores, batch.prompt_index)
         x, offsets = token_inputs(batch, support, p.mask_ids, lc, outcome)
     loss, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
+    check_finite(step, loss, norms)
     with clock.phase("optimizer"):
         lr = trainer.end_step()
     with clock.phase("sync"):
         p.rollout.sync(trainer.model, trainer.sharded)  # a vLLM engine gets the new weights
     return step_metrics(batch, scores, loss, sums, norms, lr, clock)
+
+
+def check_finite(step: int, loss: float, norms: list[float]) -> None:
+    """Stop at the first non-finite loss or gradient norm, before the step's checkpoint is written.
+
+    Every rank sees the same values (the loss is reduced over ranks, the norm is global), so all stop.
+    """
+    values = [("loss", loss), *(("gradient norm", n) for n in norms)]
+    if bad := next(((name, v) for name, v in values if not math.isfinite(v)), None):
+        raise UserError(
+            f"step {step}: the {bad[0]} is {bad[1]}; the run stopped before saving this step (the last checkpoint "
+            "is kept). Lower trainer.lr or trainer.max_grad_norm, or check the data"
+        )
 
 
 def step_metrics(
@@ -173,9 +188,36 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def start_run(cfg, run_dir: Path, resume: bool) -> None:
+    """Keep the run directory's identity (``opd_cli.config.rundir``): a new run needs an unused directory,
+    a resumed one the config it was started with; rank 0 records that config when the run starts."""
+    saved = saved_config(run_dir)
+    if not resume:
+        check_fresh(run_dir, "hydra.run.dir")
+    elif saved is not None:
+        check_same_run(saved, cfg, run_dir)
+    barrier()  # every rank checked before rank 0 writes
+    if this_rank().main and not (run_dir / RUN_CONFIG).exists():
+        tmp = run_dir / f".{RUN_CONFIG}.tmp"
+        OmegaConf.save(cfg, tmp)
+        os.replace(tmp, run_dir / RUN_CONFIG)
+
+
+def parameters_finite(model) -> bool:
+    """No parameter holds inf or NaN (this rank's shards under ZeRO-3)."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def save(p: Parts, run_dir: Path, step: int, state: dict) -> None:
+    if not parameters_finite(p.trainer.model):
+        raise UserError(f"step {step}: the student's parameters are not finite; nothing was saved. Lower trainer.lr")
+    p.trainer.save(run_dir, step, p.tokenizer, state)
+
+
 def train(cfg, run_dir: Path) -> dict:
     """Run OPD as configured on this rank; returns the run summary (rank 0 writes it)."""
     validate(cfg)
+    stop = StopRequest()  # from here on SIGTERM ends the run at the next step boundary, with a checkpoint
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     rank = this_rank()
@@ -185,10 +227,11 @@ def train(cfg, run_dir: Path) -> dict:
     torch.manual_seed(cfg.trainer.seed)
     random.seed(cfg.trainer.seed)
 
-    train_problems, eval_problems = load_problems(cfg.task)
-    eval_problems = eval_problems[: cfg.eval.n_problems]
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
     resume = cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    start_run(cfg, run_dir, resume)
+    train_problems, eval_problems = load_problems(cfg.task)
+    eval_problems = eval_problems[: cfg.eval.n_problems]
     if rank.main:
         remove_stale_saves(run_dir)  # saves a killed process never committed
     barrier()
@@ -201,6 +244,8 @@ def train(cfg, run_dir: Path) -> dict:
         state = p.trainer.load(ckpt)
         log.info("resuming from %s (step %d)", ckpt, state["step"])
     start = state.get("step", 0)
+    if start > cfg.trainer.max_steps:
+        raise UserError(f"trainer.max_steps: the run is already at step {start}; give trainer.max_steps >= {start}")
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     seed = eval_seed(cfg.trainer.seed)
@@ -208,17 +253,25 @@ def train(cfg, run_dir: Path) -> dict:
     def evaluate_student() -> float:
         return evaluate(p.rollout, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
 
+    def stop_here(step: int, saved: bool) -> None:
+        """A stop request: save this step (unless just saved) and end with ``Stopped``."""
+        if not saved:
+            save(p, run_dir, step, state)
+        log.warning("stop requested (SIGTERM): saved the checkpoint of step %d", step)
+        raise Stopped(step)
+
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
             state["acc_teacher"] = evaluate(p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
             state["acc_before"] = evaluate_student()
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
+            if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
+                stop_here(0, saved=False)
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
         acc = state.get("acc_last", state["acc_before"])
         steps = range(start + 1, cfg.trainer.max_steps + 1)
         bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)
-        stop = StopRequest()
         for step in bar:
             prompts = shard(step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
             metrics = opd_step(step, prompts, p, cfg, rank)
@@ -229,12 +282,11 @@ def train(cfg, run_dir: Path) -> dict:
                     metrics[f"eval/{name}/acc"] = evaluate(p.rollout, b.problems, b.prompts, b.checker, cfg.eval, seed)
             logger.log(step, metrics)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
-            if last or (cfg.trainer.save_every and step % cfg.trainer.save_every == 0):
-                p.trainer.save(run_dir, step, p.tokenizer, state)
-            elif stop.requested():
-                p.trainer.save(run_dir, step, p.tokenizer, state)
-                log.warning("stop requested (SIGTERM): saved the checkpoint of step %d", step)
-                raise Stopped(step)
+            saved = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
+            if saved:
+                save(p, run_dir, step, state)
+            if not last and stop.requested():  # asked after the save too: a SIGTERM during it stops here
+                stop_here(step, saved)
         after = state.get("acc_last", state["acc_before"])
         summary = {
             "acc_before": state["acc_before"],

@@ -143,7 +143,8 @@ class TorchTrainer:
     def optimizer_step(self) -> float:
         """Clip, step, zero; returns the global gradient norm before clipping."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
+        if torch.isfinite(norm):  # a non-finite gradient is not applied: the run stops on it (loop.check_finite)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.masters:
             self.masters.push()
