@@ -63,6 +63,30 @@ def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer
         assert bool(batch.truncated[row]) == (eos not in response.tolist())
 
 
+def responses(batch) -> list[list[int]]:
+    return [r[batch.response_mask[i]].tolist() for i, r in enumerate(batch.input_ids)]
+
+
+def test_seeded_sampling_past_one_step_token_budget_is_reproducible(llm, tiny_tokenizer):
+    """More prompt tokens in one call than the engine schedules in one step (``max_num_batched_tokens``).
+
+    With chunked prefill (vLLM's default) the prompt that straddles the budget is split over two
+    steps, and on CPU rewinding its seeded generator raised "CPU Generator does not use offset".
+    """
+    engine = VLLMRollout(llm, tiny_tokenizer)
+    prompt = "Question: " + " ".join(f"{i}+{i + 1}?" for i in range(20)) + "\nAnswer:"
+    length = len(tiny_tokenizer(prompt)["input_ids"])
+    budget = llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    n = budget // length + 2
+    assert n * length > budget + length  # the premise: the samples' prompts do not fit in one step
+    args = dict(temperature=1.0, top_p=0.9, max_new_tokens=6)
+    first = responses(engine.generate([prompt], n, seed=11, **args))
+    assert len(set(map(tuple, first))) > 1  # a seed per sample
+    assert responses(engine.generate([prompt], n, seed=11, **args)) == first
+    # a request's samples depend on its seed only, not on how many requests share the call
+    assert responses(engine.generate([prompt], 4, seed=11, **args)) == first[:4]
+
+
 def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +103,14 @@ def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
 
 
 def test_cli_with_vllm_rollouts_and_teacher(tmp_path, models_dir):
-    opd_train(tmp_path, models_dir, "rollout=vllm", "teacher.backend=vllm", "trainer.max_steps=2", "logger=none")
+    # Each evaluation (the teacher's, the student's before and after) is one call of 64 problems x 4 samples
+    # (conf/train.yaml's eval.k and eval.batch_size): ~15k prompt tokens of the demo task, past the engine's
+    # per-step token budget (4096 on CPU), as the default evaluation size (256 problems) is; SHORT's 16 x 2
+    # (~1.8k tokens) fits in one step. Past the budget, chunked prefill on CPU crashed seeded sampling
+    # (opd_cli.models.vllm.cpu_scheduling).
+    past_budget = ["eval.n_problems=64", "eval.k=4", "eval.batch_size=512"]
+    args = ["rollout=vllm", "teacher.backend=vllm", *past_budget, "trainer.max_steps=2", "logger=none"]
+    opd_train(tmp_path, models_dir, *args)
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["grad_norm"] > 0 for r in rows[1:])

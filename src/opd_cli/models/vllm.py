@@ -67,6 +67,27 @@ class EngineMemory:
         self.asleep = False
 
 
+def cpu_scheduling() -> dict:
+    """Engine arguments that keep seeded sampling working on CPU: no chunked prefill there.
+
+    Each of our sampling requests has its own seed, so vLLM gives it its own
+    ``torch.Generator``. With chunked prefill, a prompt that does not fit in a step's token
+    budget (``max_num_batched_tokens``: 4096 on CPU; about 70 demo prompts already
+    exceed it) is split over two steps; vLLM samples a token after the first part, discards
+    it, and rewinds that request's generator with ``Generator.set_offset``, which exists for
+    CUDA generators only: on CPU it raises "CPU Generator does not use offset". Without
+    chunked prefill a prompt is always scheduled whole (vLLM raises the budget to at least
+    ``max_model_len``), no sample is discarded, and each request draws from its generator
+    exactly once per token, so the same seed gives the same samples however the requests are
+    batched. vLLM logs that the model does not "officially support" disabling it; the
+    engine tests check the CPU engine's log-probs against transformers with it off.
+    GPU engines keep chunked prefill (their generators rewind).
+    """
+    from vllm.platforms import current_platform
+
+    return {"enable_chunked_prefill": False} if current_platform.is_cpu() else {}
+
+
 def make_llm(
     path: str,
     dtype: str,
@@ -85,6 +106,7 @@ def make_llm(
     from vllm import LLM
 
     extra = {"enable_sleep_mode": True} if sleep else {}
+    extra.update(cpu_scheduling())
     if ranks:
         extra["distributed_executor_backend"] = "external_launcher"  # one engine per rank, no own processes
     return LLM(
