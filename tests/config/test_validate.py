@@ -2,14 +2,18 @@
 training precision resolves as documented. The CLI's one-line errors are in tests/commands/test_train.py."""
 
 import re
+import shutil
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from opd_cli.config.validate import student_precision, validate
+from opd_cli.config.schema import register_configs
+from opd_cli.config.validate import student_precision, validate, validate_evaluate
 from opd_cli.errors import UserError
 
 from ..conftest import REPO, compose_cfg
+from ..models.tiny import other_vocabulary_model, save_model
 
 CONF = REPO / "conf"
 GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
@@ -225,3 +229,53 @@ def test_auto_never_steps_bfloat16_weights_without_masters(overrides, resolved):
 def test_float16_training_is_refused():
     with pytest.raises(UserError, match="model.dtype: float16"):
         student_precision(compose_cfg(["model.dtype=float16"]))
+
+
+# ----------------------------------------------------------------------------- model files (models/preflight.py)
+
+
+@pytest.fixture
+def student_dir(tiny_model, tiny_tokenizer, tmp_path):
+    return save_model(tmp_path / "student", tiny_model, tiny_tokenizer)
+
+
+def models(student, teacher, *more):
+    return compose_cfg([f"model.name_or_path={student}", f"teacher.name_or_path={teacher}", "logger=none", *more])
+
+
+def test_validate_refuses_a_teacher_of_another_vocabulary(student_dir, tmp_path):
+    teacher = other_vocabulary_model(tmp_path / "teacher")
+    with pytest.raises(UserError) as err:
+        validate(models(student_dir, teacher))
+    assert str(err.value) == (
+        "teacher.name_or_path: the teacher's vocabulary does not match the student's "
+        "(280 vs 300 tokens, 20 token-id pairs differ)"
+    )
+    validate(models(student_dir, student_dir))  # the same vocabulary passes
+
+
+def test_validate_names_the_teacher_key_and_its_broken_file(student_dir, tiny_model, tiny_tokenizer, tmp_path):
+    teacher = save_model(tmp_path / "teacher", tiny_model, tiny_tokenizer)
+    (teacher / "model.safetensors").write_bytes(b"not safetensors" * 10)
+    with pytest.raises(UserError, match=r"^teacher\.name_or_path: \S+/teacher/model\.safetensors is not a valid"):
+        validate(models(student_dir, teacher))
+    # a teacher behind a vLLM server is loaded there: its weights are not needed here
+    validate(models(student_dir, teacher, "teacher.backend=vllm", "teacher.url=http://teacher:8000"))
+
+
+def test_a_resumed_student_is_not_required_to_have_weights(student_dir):
+    """On resume the student comes from the run's checkpoint (found later, in build), not from its directory."""
+    teacher = shutil.copytree(student_dir, student_dir.parent / "teacher")
+    (student_dir / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"^model\.name_or_path: \S+/student has no weight files"):
+        validate(models(student_dir, teacher))
+    validate(models(student_dir, teacher, "trainer.resume=true"))
+
+
+def test_validate_evaluate_checks_the_model_files(student_dir):
+    (student_dir / "config.json").write_text("{not json")
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"model.name_or_path={student_dir}"])
+    with pytest.raises(UserError, match=r"^model\.name_or_path: \S+/student/config\.json is not a model config"):
+        validate_evaluate(cfg)

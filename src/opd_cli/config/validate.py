@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import traceback
 from collections.abc import Iterator
@@ -29,7 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
-from opd_cli.models.loading import DTYPES, looks_local
+from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
+from opd_cli.models.preflight import preflight
 from opd_cli.objectives.advantages import AGG_MODES
 from opd_cli.objectives.divergence import KNOB_CHOICES
 from opd_cli.objectives.masks import MASK_MODES
@@ -274,12 +276,24 @@ def validate(cfg: Any) -> None:
     check_models(cfg, ("model.name_or_path", "teacher.name_or_path"))
 
 
+def resumes(cfg: Any) -> bool:
+    """Whether opd-train resumes (as training/loop.py decides): its student then comes from the run's
+    latest checkpoint, if any (training/build.py ``resolve_models``), which is found after this check."""
+    return "trainer" in cfg and (cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0)
+
+
 def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
-    """The models named by ``keys`` exist (a demo role, a local directory, or a hub id), and the demo's recipe is valid."""
+    """The models named by ``keys`` exist (a demo role, a local directory, or a hub id), and the demo's recipe is valid.
+
+    The files of a local directory or a cached hub id are checked without loading weights
+    (``models.preflight``; a resumed student only for its directory's existence), then the student's
+    vocabulary against the teacher's.
+    """
     if cfg.demo.hidden_size < 64 or cfg.demo.hidden_size % 64:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
         )
+    found = {}
     for key in keys:
         value = _get(cfg, key)
         if value.startswith("demo:"):
@@ -287,8 +301,16 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
                 raise UserError(f"{key}: '{value}' is not one of: demo:student, demo:teacher")
             if cfg.task.name != "arith":
                 raise UserError(f"{key}: the demo models are built for task=arith only")
-        elif looks_local(value) and not Path(value).expanduser().exists():
+            continue
+        if looks_local(value) and not Path(value).expanduser().exists():
             raise UserError(f"{key}: local model path not found: {value}")
+        if not (key == "model.name_or_path" and resumes(cfg)):
+            group = key.split(".")[0]
+            server = group == "teacher" and cfg.teacher.url is not None  # the server holds the weights
+            found[key] = preflight(value, key, _get(cfg, f"{group}.trust_remote_code"), weights=not server)
+    student, teacher = found.get("model.name_or_path"), found.get("teacher.name_or_path")
+    if student and teacher:
+        check_same_vocabulary(student.tokenizer, teacher.tokenizer, student.rows, teacher.rows)
 
 
 # opd-eval samples with eval.*: these opd-train sampling keys have an eval.* counterpart

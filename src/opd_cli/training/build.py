@@ -76,6 +76,8 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
+    # config.validate.check_models compares the files before the run directory exists; this costs nothing and
+    # covers what it could not see (a resumed student, a hub model downloaded just now)
     check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
     objective = make_objective(cfg.loss, teacher.head)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
