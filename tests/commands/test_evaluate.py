@@ -80,3 +80,31 @@ def test_opd_eval_with_vllm_sampling(tmp_path, models_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads((tmp_path / "eval.json").read_text())["results"]["arith"]
     assert row["n_problems"] == 4 and 0 <= row["avg@2"] <= 1
+
+
+@pytest.mark.unit
+def test_opd_eval_names_its_own_chat_template_key(tiny_tokenizer, tmp_path):
+    """A model without a chat template: opd-eval's key is the top-level chat_template (opd-train's
+    task.chat_template does not exist here; its message is tested in tests/tasks/)."""
+    from hydra import compose, initialize_config_dir
+
+    from opd_cli.commands.evaluate import run
+    from opd_cli.config.schema import register_configs
+    from opd_cli.errors import UserError
+
+    assert tiny_tokenizer.chat_template is None
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    overrides = [
+        f"model.name_or_path={tmp_path / 'model'}",
+        "tasks=[amc23]",
+        f"task_paths.amc23={FIXTURES / 'amc23.jsonl'}",
+    ]
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=overrides)
+    with pytest.raises(UserError) as err:
+        run(cfg, tmp_path)
+    assert str(err.value) == (
+        "chat_template: the model's tokenizer has no chat template; set chat_template=false or use a model that has one"
+    )
+    assert not (tmp_path / "eval.json").exists()

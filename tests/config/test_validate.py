@@ -14,6 +14,7 @@ from opd_cli.errors import UserError
 
 from ..conftest import REPO, compose_cfg
 from ..models.tiny import other_vocabulary_model, save_model
+from ..tasks.bad_data import BAD_FILES, GOOD_ROW, write
 
 CONF = REPO / "conf"
 GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
@@ -279,3 +280,82 @@ def test_validate_evaluate_checks_the_model_files(student_dir):
         cfg = compose(config_name="evaluate", overrides=[f"model.name_or_path={student_dir}"])
     with pytest.raises(UserError, match=r"^model\.name_or_path: \S+/student/config\.json is not a model config"):
         validate_evaluate(cfg)
+
+
+# ----------------------------------------------------------------------------- task data and template
+
+# a training task on a local file, with models that do not need task=arith
+HUB_TASK = ["task.name=hub", "task.n_eval=1", "model=qwen2.5-7b-instruct", "teacher=openthinker3"]
+
+
+def compose_evaluate(overrides=()):
+    """The config ``opd-eval`` would run with these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=list(overrides))
+
+
+def _refused(check, cfg) -> str:
+    with pytest.raises(UserError) as err:
+        check(cfg)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case,name,content,end", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_data_files_are_refused_naming_the_key(case, name, content, end, tmp_path):
+    """The training task's file, a benchmark's file during training, and an opd-eval benchmark's file."""
+    path = write(tmp_path, name, content)
+    got = _refused(validate, compose_cfg([*HUB_TASK, f"task.path={path}"]))
+    assert got.startswith(f"task.path: {path}{end}"), got
+    cfg = compose_cfg(["eval.benchmarks=[amc23]", f"eval.benchmark_paths.amc23={path}"])
+    got = _refused(validate, cfg)
+    assert got.startswith(f"eval.benchmark_paths.amc23: {path}{end}"), got
+    got = _refused(validate_evaluate, compose_evaluate(["tasks=[amc23]", f"task_paths.amc23={path}"]))
+    assert got.startswith(f"task_paths.amc23: {path}{end}"), got
+
+
+def test_a_good_file_validates_and_a_directory_is_refused(tmp_path):
+    path = write(tmp_path, "ok.jsonl", GOOD_ROW * 2)
+    validate(compose_cfg([*HUB_TASK, f"task.path={path}"]))
+    validate(compose_cfg(["eval.benchmarks=[amc23]", f"eval.benchmark_paths.amc23={path}"]))
+    validate_evaluate(compose_evaluate(["tasks=[amc23]", f"task_paths.amc23={path}"]))
+    got = _refused(validate, compose_cfg([*HUB_TASK, f"task.path={tmp_path}"]))
+    assert got == f"task.path: {tmp_path} is a directory; give a jsonl or parquet file"
+
+
+@pytest.mark.parametrize("n_eval", [3, 5])
+def test_n_eval_beyond_the_data_is_refused(n_eval, tmp_path):
+    path = write(tmp_path, "three.jsonl", GOOD_ROW * 3)
+    validate(compose_cfg([*HUB_TASK, f"task.path={path}", "task.n_eval=2"]))
+    got = _refused(validate, compose_cfg([*HUB_TASK, f"task.path={path}", f"task.n_eval={n_eval}"]))
+    assert (
+        got
+        == f"task.n_eval: {path} has 3 rows, need more than task.n_eval={n_eval} (held out; the rest are trained on)"
+    )
+
+
+def test_n_eval_beyond_the_arith_task_is_refused():
+    validate(compose_cfg(["task.n_eval=8099"]))
+    got = _refused(validate, compose_cfg(["task.n_eval=8100"]))
+    assert (
+        got
+        == "task.n_eval: the arith task has 8100 rows, need more than task.n_eval=8100 (held out; the rest are trained on)"
+    )
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("Q: {questoin}", "task.template: unknown placeholder '{questoin}'; the template may use {question}"),
+        ("{question} {foo}", "task.template: unknown placeholder '{foo}'; the template may use {question}"),
+        ("{question} }", "task.template: a stray brace (Single '}' encountered in format string)"),
+        ("Answer:", "task.template: must contain '{question}'"),
+    ],
+)
+def test_bad_templates_are_refused(template, message):
+    cfg = compose_cfg()
+    cfg.task.template = template
+    assert _refused(validate, cfg).startswith(message)

@@ -7,10 +7,20 @@ import pytest
 
 from opd_cli.errors import UserError
 from opd_cli.tasks.checking import check_exact, last_boxed
-from opd_cli.tasks.problems import Problem, arith_problems, hub_problems, split_held_out
-from opd_cli.tasks.prompts import format_prompt
+from opd_cli.tasks.problems import (
+    Problem,
+    arith_problems,
+    check_task_data,
+    hub_problems,
+    load_problems,
+    read_problems,
+    split_held_out,
+)
+from opd_cli.tasks.prompts import check_template, format_prompt
+from opd_cli.training.data import training_prompts
 
 from ..conftest import compose_cfg
+from .bad_data import BAD_FILES, GOOD_ROW, write
 
 
 def test_arith_split_is_disjoint_and_solutions_are_right():
@@ -66,13 +76,111 @@ def test_hub_problems_from_local_jsonl_in_dapo_layout(tmp_path):
 def test_hub_problems_bad_rows(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "answer": 1}\n{not json\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"^task\.path: .*bad\.jsonl line 2: not JSON"):
         hub_problems(None, str(path), "train", "question", "answer")
     path.write_text('{"question": "q", "answer": 1}\n{"question": "q2"}\n')
-    with pytest.raises(UserError, match=r"bad.jsonl row 1: row has no field 'answer'"):
+    with pytest.raises(UserError, match=r"^task\.path: .*bad\.jsonl line 2: no field 'answer'"):
         hub_problems(None, str(path), "train", "question", "answer")
-    with pytest.raises(UserError, match="file not found"):
+    with pytest.raises(UserError, match="^task.path: file not found"):
         hub_problems(None, str(tmp_path / "missing.jsonl"), "train", "question", "answer")
+
+
+@pytest.mark.parametrize("case,name,content,end", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_data_files_get_one_line_naming_key_file_and_line(case, name, content, end, tmp_path):
+    path = write(tmp_path, name, content)
+    with pytest.raises(UserError) as err:
+        read_problems(path, "question", "answer", "eval.benchmark_paths.amc23")
+    assert str(err.value).startswith(f"eval.benchmark_paths.amc23: {path}{end}"), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(UserError, match=f"^task.path: {tmp_path} is a directory; give a jsonl or parquet file$"):
+        read_problems(tmp_path, "question", "answer")
+
+
+def test_good_rows_load_with_numbers_as_answers_and_a_byte_order_mark(tmp_path):
+    path = write(
+        tmp_path, "ok.jsonl", b'\xef\xbb\xbf{"question": "q1", "answer": 7}\n\n{"question": "q2", "answer": "x"}\n'
+    )
+    assert read_problems(path, "question", "answer") == [Problem("q1", "7"), Problem("q2", "x")]
+
+
+def test_a_file_is_read_again_when_it_changes(tmp_path):
+    """The start-up check and the run share one cached read, keyed by the file's time and size."""
+    path = write(tmp_path, "data.jsonl", GOOD_ROW * 3)
+    assert len(read_problems(path, "question", "answer")) == 3
+    path.write_bytes(GOOD_ROW * 3 + b"{oops\n")
+    with pytest.raises(UserError, match="line 4: not JSON"):
+        read_problems(path, "question", "answer")
+
+
+def _hub_task(path, n_eval):
+    cfg = compose_cfg(["task.name=hub", f"task.path={path}", f"task.n_eval={n_eval}"]).task
+    return cfg
+
+
+def test_n_eval_must_leave_rows_to_train_on(tmp_path):
+    path = write(tmp_path, "three.jsonl", GOOD_ROW * 3)
+    train, held = load_problems(_hub_task(path, 2))
+    assert len(train) == 1 and len(held) == 2
+    check_task_data(_hub_task(path, 2))
+    message = f"task.n_eval: {path} has 3 rows, need more than task.n_eval=3 (held out; the rest are trained on)"
+    for call in (load_problems, check_task_data):
+        with pytest.raises(UserError) as err:
+            call(_hub_task(path, 3))
+        assert str(err.value) == message
+
+
+def test_the_arith_task_has_8100_problems():
+    cfg = compose_cfg(["task.n_eval=8099"]).task
+    check_task_data(cfg)
+    assert len(load_problems(cfg)[0]) == 1
+    cfg.n_eval = 8100
+    message = (
+        "task.n_eval: the arith task has 8100 rows, need more than task.n_eval=8100 (held out; the rest are trained on)"
+    )
+    for call in (load_problems, check_task_data):
+        with pytest.raises(UserError) as err:
+            call(cfg)
+        assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "template,message",
+    [
+        ("Q: {questoin}", "unknown placeholder '{questoin}'; the template may use {question}"),
+        ("{question} {foo}", "unknown placeholder '{foo}'; the template may use {question}"),
+        ("{question} in \\boxed{}", "unknown placeholder '{}'; the template may use {question}"),
+        ("{0} {question}", "unknown placeholder '{0}'; the template may use {question}"),
+        ("{question.upper}", "unknown placeholder '{question.upper}'; the template may use {question}"),
+        ("{question} }", "a stray brace (Single '}' encountered in format string)"),
+        ("{question", "a stray brace (expected '}' before end of string)"),
+        ("{question:d}", "cannot fill in {question} (Unknown format code 'd' for object of type 'str')"),
+        ("no placeholder", "must contain '{question}'"),
+    ],
+)
+def test_bad_templates_are_named(template, message):
+    with pytest.raises(UserError) as err:
+        check_template(template)
+    assert str(err.value).startswith(f"task.template: {message}"), str(err.value)
+
+
+@pytest.mark.parametrize("template", ["{question} {foo}", "{question} }", "{question:d}"])
+def test_the_prompt_builder_names_a_bad_template_the_same_way(template):
+    """Should a template reach it unchecked, the prompt builder gives the start-up check's line."""
+    cfg = compose_cfg().task
+    cfg.template = template
+    with pytest.raises(UserError) as err:
+        format_prompt(Problem("q", "a"), cfg, None)
+    with pytest.raises(UserError) as want:
+        check_template(template)
+    assert str(err.value) == str(want.value)
+
+
+@pytest.mark.parametrize("template", ["{question}", "Q: {question}\nA:", "{question} \\boxed{{}}", "{question!s:>3}"])
+def test_good_templates_pass(template):
+    check_template(template)
 
 
 DAPO_PREFIX = (
@@ -104,3 +212,16 @@ def test_chat_template_kwargs_reach_the_template(tiny_tokenizer):
     assert format_prompt(Problem("q", "a"), cfg, tok) == "q"
     cfg.chat_template_kwargs = {"enable_thinking": False}
     assert format_prompt(Problem("q", "a"), cfg, tok) == "NOTHINK q"
+
+
+def test_no_chat_template_names_the_key_of_the_command(tiny_tokenizer):
+    """opd-train's key is task.chat_template (its prompts come from training_prompts); opd-eval passes
+    its own top-level chat_template (see tests/commands/test_evaluate.py)."""
+    assert tiny_tokenizer.chat_template is None
+    cfg = compose_cfg(["task.chat_template=true"])
+    with pytest.raises(UserError, match=r"^task\.chat_template: the model's tokenizer has no chat template; "):
+        training_prompts([Problem("q", "a")], cfg, tiny_tokenizer)
+    with pytest.raises(
+        UserError, match=r"^chat_template: the model's tokenizer has no chat template; set chat_template=false"
+    ):
+        format_prompt(Problem("q", "a"), cfg.task, tiny_tokenizer, "chat_template")

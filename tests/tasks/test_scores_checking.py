@@ -7,7 +7,7 @@ from math import comb
 import pytest
 
 from opd_cli.errors import UserError
-from opd_cli.tasks.checking import check_math_verify
+from opd_cli.tasks.checking import check_math_verify, plausible_length
 from opd_cli.tasks.problems import load_problems
 from opd_cli.tasks.scores import avg_at_k, mean_pass_at_k, pass_at_k
 
@@ -71,12 +71,74 @@ def test_wrong_or_missing_answers(gold, response):
         "\\boxed{" + "+".join(["x"] * 3333) + "}",  # about 10,000 characters
         "\\boxed{\\frac{1}{2",  # unbalanced braces
         "\\boxed{" + "{" * 500 + "1" + "}" * 499,
+        "\\boxed{10^{10^{8}}}",  # short enough to be parsed: the alarm ends the comparison
     ],
 )
 def test_hostile_answers_get_a_verdict_within_the_timeout(response):
     t0 = time.perf_counter()
     assert check_math_verify(response, "1", timeout_s=4) is False
     assert time.perf_counter() - t0 < 4.5
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "\\boxed{" + "+".join(["1"] * 1000) + "}",  # math-verify alone scores this as 1
+        "\\boxed{" + "+".join(["1"] * 10_000) + "}",
+        "\\boxed{" + "\\sqrt{" * 60 + "1" + "}" * 60 + "}",  # nested: equal to 1, and scored so alone
+        "\\boxed{" + "\\cdot".join(["1"] * 2000) + "}",
+        "\\boxed{1" + "+0" * 3000 + "}",
+    ],
+    ids=["sum-1000", "sum-10000", "sqrt-nested-60", "product-2000", "plus-zero-3000"],
+)
+def test_implausibly_long_answers_are_wrong_before_parsing(response):
+    t0 = time.perf_counter()
+    assert check_math_verify(response, "1") is False
+    assert time.perf_counter() - t0 < 0.1  # judged on its length: not parsed
+
+
+@pytest.mark.parametrize(
+    "gold,response",
+    [
+        ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\dfrac{\\sqrt{3}}{2}}"),
+        ("\\frac{\\sqrt{3}}{2}", "\\boxed{\\frac{1}{2}\\sqrt{3}}"),
+        ("\\left[-\\frac{1}{2}, \\frac{3}{2}\\right)", "so \\boxed{\\left[ -\\dfrac{1}{2},\\ \\dfrac{3}{2} \\right)}"),
+        ("1", "\\boxed{\\frac{\\sqrt{2}\\cdot\\sqrt{2}}{2}}"),
+        (
+            "(-\\infty, -2) \\cup (3, \\infty)",
+            "\\boxed{\\left(-\\infty,\\,-2\\right)\\cup\\left(3,\\,+\\infty\\right)}",
+        ),
+    ],
+)
+def test_long_but_plausible_answers_still_count(gold, response):
+    assert check_math_verify(response, gold)
+
+
+def test_the_length_rule():
+    """At most max(64, 8 x len(gold)) characters, whitespace not counted."""
+    assert plausible_length("x" * 64, "1") and not plausible_length("x" * 65, "1")
+    assert plausible_length("x" * 80, "y" * 10) and not plausible_length("x" * 81, "y" * 10)
+    assert plausible_length(" ".join("x" * 64), " 1 ")
+
+
+def test_the_checker_refuses_to_run_off_the_main_thread():
+    """Off the main thread math-verify's alarms cannot be set: the check would score every answer
+    wrong (or, without its timeouts, could hang), so it refuses."""
+    import threading
+
+    errors = []
+
+    def check():
+        try:
+            check_math_verify("\\boxed{1}", "1")
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    thread.join()
+    assert errors and "main thread" in errors[0]
+    assert check_math_verify("\\boxed{1}", "1")
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,10 @@ def run(cfg, out_dir: Path) -> dict:
     for name, tcfg in tasks.items():
         if cfg.chat_template is not None:
             tcfg.chat_template = cfg.chat_template
-        problems = load_problems(tcfg)[1][: cfg.eval.n_problems]
-        benchmarks[name] = (tcfg, problems, [format_prompt(p, tcfg, tok) for p in problems])
+        key = f"task_paths.{name}"
+        problems = load_problems(tcfg, key, key)[1][: cfg.eval.n_problems]
+        # the top-level chat_template is the key that asks for it here
+        benchmarks[name] = (tcfg, problems, [format_prompt(p, tcfg, tok, "chat_template") for p in problems])
     longest = max(prompt_length(tok, p) for *_, prompts in benchmarks.values() for p in prompts)
     max_len = longest + cfg.eval.max_new_tokens
     model = None

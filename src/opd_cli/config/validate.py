@@ -38,7 +38,8 @@ from opd_cli.objectives.masks import MASK_MODES
 from opd_cli.objectives.registry import OBJECTIVES
 from opd_cli.rollout.registry import ROLLOUT_ENGINES
 from opd_cli.tasks.checking import CHECKERS
-from opd_cli.tasks.problems import task_config
+from opd_cli.tasks.problems import check_task_data, task_config
+from opd_cli.tasks.prompts import check_template
 from opd_cli.teacher.registry import TEACHER_BACKENDS
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
@@ -267,12 +268,13 @@ def validate(cfg: Any) -> None:
         raise UserError("task.dataset: a hub task needs task.dataset or task.path")
     if cfg.task.path and not Path(cfg.task.path).exists():
         raise UserError(f"task.path: file not found: {cfg.task.path}")
-    if "{question}" not in cfg.task.template:
-        raise UserError("task.template: must contain '{question}'")
+    check_template(cfg.task.template)
     check_question_regex(cfg.task.question_regex)
+    check_task_data(cfg.task)  # a local file's every row, and task.n_eval against the row count
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:
-            task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", f"eval.benchmark_paths.{name}")
+            key = f"eval.benchmark_paths.{name}"
+            check_task_data(task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", key), key, key)
     check_models(cfg, ("model.name_or_path", "teacher.name_or_path"))
 
 
@@ -347,7 +349,8 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
         if not 1 <= k <= cfg.eval.k:
             raise UserError(f"pass_k: {k} must be between 1 and eval.k ({cfg.eval.k})")
     for name in cfg.tasks:
-        task_config(name, cfg.task_paths.get(name), "tasks", f"task_paths.{name}")
+        key = f"task_paths.{name}"
+        check_task_data(task_config(name, cfg.task_paths.get(name), "tasks", key), key, key)
     check_models(cfg, ("model.name_or_path",))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 
 
@@ -29,17 +30,41 @@ def check_exact(response: str, answer: str) -> bool:
     return got is not None and got.strip() == answer.strip()
 
 
+MIN_ANSWER_CHARS = 64  # a boxed answer up to this long is always compared
+ANSWER_LENGTH_RATIO = 8  # a longer one may be at most this many times the gold answer's length
+
+
+def _chars(text: str) -> int:
+    return len("".join(text.split()))
+
+
+def plausible_length(got: str, gold: str) -> bool:
+    """Whether a boxed answer is short enough to be compared with the gold one: at most
+    ``max(64, 8 x len(gold))`` characters, whitespace not counted.
+
+    math-verify can be fooled by an answer far longer than the gold one: it parses
+    ``\\boxed{1+1+...+1}`` with 1,000 or more terms as equal to 1. No plausible final answer is
+    that long, so such an answer is judged wrong without being parsed.
+    """
+    return _chars(got) <= max(MIN_ANSWER_CHARS, ANSWER_LENGTH_RATIO * _chars(gold))
+
+
 def check_math_verify(response: str, answer: str, timeout_s: int = 4) -> bool:
     """Symbolic equivalence of the last boxed answer with math-verify, within ``timeout_s`` seconds.
 
     math-verify normalizes LaTeX (``\\dfrac``, units, intervals, sets) and compares with
     sympy. Parsing the response and comparing each get half the time (math-verify's own
     alarm-based timeouts, so call it from the main thread); what times out counts as wrong.
+    A boxed answer longer than ``max(64, 8 x len(gold))`` characters (whitespace not counted,
+    see ``plausible_length``) is wrong without being parsed.
     """
     from math_verify import parse, verify
 
+    if threading.current_thread() is not threading.main_thread():
+        # off the main thread math-verify's alarms fail, and every answer would silently count as wrong
+        raise RuntimeError("check_math_verify needs the main thread: its timeouts are SIGALRM alarms")
     got = last_boxed(response)
-    if got is None:
+    if got is None or not plausible_length(got, answer):
         return False
     half = max(1, timeout_s // 2)
     try:

@@ -5,10 +5,14 @@ A task config names the data, the question and answer fields, and the held-out s
 
 from __future__ import annotations
 
+import functools
 import json
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -69,23 +73,133 @@ def arith_problems(seed: int, split: str, n_eval: int) -> list[Problem]:
     return out
 
 
-def _rows_from_file(path: Path) -> list[dict]:
-    if not path.exists():
-        raise UserError(f"task.path: file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+class BadData(ValueError):
+    """A malformed data file or row: ``where`` is the line or row (empty: the whole file)."""
 
-        return pq.read_table(path).to_pylist()
-    rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-    return rows
+    def __init__(self, what: str, where: str = "") -> None:
+        super().__init__(what)
+        self.where = where
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, for messages: "a list", "a number", "null", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = {str: "a string", int: "a number", float: "a number", dict: "an object", list: "a list"}
+    return next((k for t, k in kinds.items() if isinstance(value, t)), type(value).__name__)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each non-blank line of a jsonl file: one JSON value per line, UTF-8."""
+    data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark some editors write
+    for line_no, raw in enumerate(data.split(b"\n"), 1):
+        where = f"line {line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadData(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})", where) from None
+        if not line.strip():
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadData(
+                f"not JSON ({e.msg} at column {e.colno}); a jsonl file has one object per line", where
+            ) from None
+
+
+def _parquet_rows(path: Path, keys: dict[str, str]) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a parquet file whose columns hold the top level of each dotted
+    path in ``keys`` (config key -> path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        reason = re.sub(
+            r"^Could not open Parquet input source '.*?': ", "", str(e).splitlines()[0]
+        )  # not the path again
+        raise BadData(f"not a parquet file ({reason[:200]})") from None
+    for config_key, dotted in keys.items():
+        if (column := dotted.split(".")[0]) not in table.column_names:
+            raise BadData(f"no column '{column}' ({config_key}={dotted}); its columns: {', '.join(table.column_names)}")
+    for i, row in enumerate(table.to_pylist(), 1):
+        yield f"row {i}", row
+
+
+def _field(row: dict, dotted: str, config_key: str) -> Any:
+    """The value at a dotted path (``prompt.0.content``, given by ``config_key``); ``BadData`` if
+    the row has none."""
+    value = row
+    for part in dotted.split("."):
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
+            fields = ", ".join(list(row)[:8]) + (", ..." if len(row) > 8 else "")
+            raise BadData(f"no field '{dotted}' ({config_key}); the row's fields: {fields or 'none'}")
+    return value
+
+
+def row_problem(row: Any, question_key: str, answer_key: str) -> Problem:
+    """The problem in one data row: a non-empty string question and a non-empty answer (a string
+    or a number); ``BadData`` saying what is wrong with the row otherwise."""
+    if not isinstance(row, dict):
+        raise BadData(f"not a JSON object but {_kind(row)}")
+    question = _field(row, question_key, "task.question_key")
+    answer = _field(row, answer_key, "task.answer_key")
+    if not isinstance(question, str) or not question.strip():
+        got = "an empty string" if isinstance(question, str) else _kind(question)
+        raise BadData(f"field '{question_key}' must be a non-empty string, got {got}")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        got = "an empty string" if isinstance(answer, str) else _kind(answer)
+        raise BadData(f"field '{answer_key}' must be a non-empty string or a number, got {got}")
+    return Problem(question=question, answer=str(answer))
+
+
+@functools.lru_cache(maxsize=4)
+def _file_problems(path: str, mtime_ns: int, size: int, question_key: str, answer_key: str) -> tuple[Problem, ...]:
+    """Every row of a file as a problem; cached by the file's modification time and size, so the
+    start-up checks and the run read it once."""
+    file = Path(path)
+    rows = (
+        _parquet_rows(file, {"task.question_key": question_key, "task.answer_key": answer_key})
+        if file.suffix == ".parquet"
+        else _jsonl_rows(file)
+    )
+    out = []
+    for where, row in rows:
+        try:
+            out.append(row_problem(row, question_key, answer_key))
+        except BadData as e:
+            raise BadData(str(e), where) from None
+    if not out:
+        raise BadData("no rows (an empty file)")
+    return tuple(out)
+
+
+def read_problems(path: str | Path, question_key: str, answer_key: str, key: str = "task.path") -> list[Problem]:
+    """Every problem of a local jsonl or parquet file, each row checked.
+
+    Bad data is a ``UserError`` naming ``key`` (the config key that chose the file), the file, and
+    the line (jsonl) or row (parquet, from 1) where it applies.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise UserError(f"{key}: file not found: {path}")
+    if file.is_dir():
+        raise UserError(f"{key}: {path} is a directory; give a jsonl or parquet file")
+    try:
+        stat = file.stat()
+        return list(_file_problems(str(file.resolve()), stat.st_mtime_ns, stat.st_size, question_key, answer_key))
+    except BadData as e:
+        raise UserError(f"{key}: {path}{' ' + e.where if e.where else ''}: {e}") from None
+    except OSError as e:  # unreadable: permissions, a broken mount
+        raise UserError(f"{key}: cannot read {path} ({e.strerror or e})") from None
 
 
 def _rows_from_hub(dataset: str, split: str) -> list[dict]:
@@ -102,37 +216,24 @@ def _rows_from_hub(dataset: str, split: str) -> list[dict]:
         ) from None
 
 
-def _field(row: dict, dotted: str, where: str):
-    value = row
-    for part in dotted.split("."):
-        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        elif isinstance(value, dict) and part in value:
-            value = value[part]
-        else:
-            raise UserError(f"{where}: row has no field '{dotted}'")
-    return value
-
-
 def hub_problems(
-    dataset: str | None, path: str | None, split: str, question_key: str, answer_key: str
+    dataset: str | None, path: str | None, split: str, question_key: str, answer_key: str, key: str = "task.path"
 ) -> list[Problem]:
-    """Problems from a local file (``task.path``) or a hub data set (``task.dataset``).
+    """Problems from a local file (``task.path``, see ``read_problems``) or a hub data set (``task.dataset``).
 
     ``question_key`` and ``answer_key`` are dotted paths into a row, e.g.
     ``prompt.0.content`` and ``reward_model.ground_truth`` for DAPO-Math-17k.
     """
-    where = str(path) if path else f"data set {dataset}"
-    rows = _rows_from_file(Path(path)) if path else _rows_from_hub(str(dataset), split)
+    if path:
+        return read_problems(path, question_key, answer_key, key)
     out = []
-    for i, row in enumerate(rows):
-        q = _field(row, question_key, f"{where} row {i}")
-        a = _field(row, answer_key, f"{where} row {i}")
-        if not isinstance(q, str) or not q.strip():
-            raise UserError(f"{where} row {i}: '{question_key}' is not a non-empty string")
-        out.append(Problem(question=q, answer=str(a)))
+    for i, row in enumerate(_rows_from_hub(str(dataset), split), 1):
+        try:
+            out.append(row_problem(row, question_key, answer_key))
+        except BadData as e:
+            raise UserError(f"task.dataset: {dataset} row {i}: {e}") from None
     if not out:
-        raise UserError(f"{where}: no rows")
+        raise UserError(f"task.dataset: {dataset} split '{split}' has no rows")
     return out
 
 
@@ -145,20 +246,49 @@ def split_held_out(problems: list[Problem], seed: int, n_eval: int) -> tuple[lis
     return train, held
 
 
-def load_problems(task_cfg) -> tuple[list[Problem], list[Problem]]:
-    """(train, held-out) problems of the configured task; an evaluation-only task holds out every row."""
+ARITH_SIZE = 90 * 90  # the arith task's problems: every pair of two-digit numbers
+
+
+def check_n_eval(n_rows: int, task_cfg, where: str, key: str = "task.n_eval") -> None:
+    """A training task needs more rows than the ``task.n_eval`` it holds out."""
+    if n_rows <= task_cfg.n_eval:
+        raise UserError(
+            f"{key}: {where} has {n_rows} rows, need more than task.n_eval={task_cfg.n_eval} "
+            "(held out; the rest are trained on)"
+        )
+
+
+def load_problems(
+    task_cfg, path_key: str = "task.path", n_eval_key: str = "task.n_eval"
+) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out) problems of the configured task; an evaluation-only task holds out every row.
+
+    ``path_key`` and ``n_eval_key`` name the config keys that chose the file and the held-out
+    count, for the error messages (a benchmark's file is chosen by another key than ``task.path``).
+    """
     if task_cfg.name == "arith":
+        check_n_eval(ARITH_SIZE, task_cfg, "the arith task", n_eval_key)
         return (
             arith_problems(task_cfg.seed, "train", task_cfg.n_eval),
             arith_problems(task_cfg.seed, "test", task_cfg.n_eval),
         )
-    problems = hub_problems(task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key)
+    problems = hub_problems(
+        task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key, path_key
+    )
     if task_cfg.eval_only:
         return [], problems
-    if len(problems) <= task_cfg.n_eval:
-        where = task_cfg.path or task_cfg.dataset
-        raise UserError(f"task.n_eval: {where} has {len(problems)} rows, need more than {task_cfg.n_eval}")
+    check_n_eval(len(problems), task_cfg, str(task_cfg.path or task_cfg.dataset), n_eval_key)
     return split_held_out(problems, task_cfg.seed, task_cfg.n_eval)
+
+
+def check_task_data(task_cfg, path_key: str = "task.path", n_eval_key: str = "task.n_eval") -> None:
+    """The start-up check of a task's data: a local file is read and every row checked, and a
+    training task must have more rows than it holds out. A hub data set is left to the run
+    (it may need a download); ``load_problems`` reads a file again from its cache."""
+    if task_cfg.name == "arith":
+        check_n_eval(ARITH_SIZE, task_cfg, "the arith task", n_eval_key)
+    elif task_cfg.path:
+        load_problems(task_cfg, path_key, n_eval_key)
 
 
 def task_config(name: str, path: str | None, key: str, path_key: str):

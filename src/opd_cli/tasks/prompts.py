@@ -3,30 +3,62 @@
 from __future__ import annotations
 
 import re
+import string
 
 from opd_cli.errors import UserError
 from opd_cli.tasks.problems import Problem
 
+# the names ``task.template`` may use: what ``format_prompt`` fills in
+TEMPLATE_FIELDS = ("question",)
 
-def format_prompt(problem: Problem, task_cfg, tokenizer) -> str:
+
+def check_template(template: str, key: str = "task.template") -> None:
+    """``template`` is a ``str.format`` string whose only placeholder is ``{question}`` (at least
+    once); a literal brace is written twice (``\\boxed{{}}``)."""
+    allowed = ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:  # a single '{' or '}'
+        raise UserError(
+            f"{key}: a stray brace ({e}); the template may use {allowed}, and a literal brace is written {{{{ or }}}}"
+        ) from None
+    for name in names:
+        if name not in TEMPLATE_FIELDS:
+            raise UserError(
+                f"{key}: unknown placeholder '{{{name}}}'; the template may use {allowed} "
+                "(a literal brace is written {{ or }})"
+            )
+    if not names:
+        raise UserError(f"{key}: must contain '{{question}}'")
+    try:  # a conversion or format spec that cannot fill in a string, e.g. {question:d}
+        template.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"{key}: cannot fill in {{question}} ({e}); the template may use {allowed}") from None
+
+
+def format_prompt(problem: Problem, task_cfg, tokenizer, chat_template_key: str = "task.chat_template") -> str:
     """The prompt text: ``task.template`` filled in, in the chat template if asked.
 
     ``task.question_regex`` first takes the problem out of a row that wraps it in its own
     instructions (its group ``question``); a row it does not match keeps its whole text.
+    ``chat_template_key`` is the key that asks for the chat template in the running command
+    (opd-eval's is the top-level ``chat_template``), for the error message.
     """
     question = problem.question
     if task_cfg.question_regex and (match := re.search(task_cfg.question_regex, question)):
         question = match.group("question")
     try:
         text = task_cfg.template.format(question=question)
-    except (IndexError, KeyError, ValueError) as e:
-        raise UserError(
-            f"task.template: cannot fill in {{question}} ({e}); write literal braces as {{{{ }}}}"
-        ) from None
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError):
+        check_template(task_cfg.template)  # one line saying what is wrong
+        raise
     if not task_cfg.chat_template:
         return text
     if tokenizer.chat_template is None:
-        raise UserError("task.chat_template: the student's tokenizer has no chat template")
+        raise UserError(
+            f"{chat_template_key}: the model's tokenizer has no chat template; set {chat_template_key}=false "
+            "or use a model that has one"
+        )
     kwargs = dict(task_cfg.chat_template_kwargs or {})
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
