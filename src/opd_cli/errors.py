@@ -7,6 +7,7 @@ checkpoint is one line and exit code 143.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,11 +42,17 @@ def fail(message: str, show: bool = True) -> NoReturn:
 @contextmanager
 def one_line_errors(show: bool = True) -> Iterator[None]:
     """End the process on a ``UserError`` or ``Stopped`` raised inside the block, with one line
-    (printed only where ``show``: e.g. one rank of many) and its exit code."""
+    (printed only where ``show``: e.g. one rank of many) and its exit code; so too on a full or
+    read-only disk met while writing (logs, the summary)."""
     try:
         yield
     except UserError as e:
         fail(str(e), show)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror}; free space (or make it writable), then resume with trainer.resume=true", show)
     except Stopped as e:
         if show:
             print(e.message(), file=sys.stderr)

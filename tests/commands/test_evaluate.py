@@ -83,7 +83,7 @@ def test_opd_eval_with_vllm_sampling(tmp_path, models_dir):
 
 
 @pytest.mark.unit
-def test_opd_eval_names_its_own_chat_template_key(tiny_tokenizer, tmp_path):
+def test_opd_eval_names_its_own_chat_template_key(tiny_model, tiny_tokenizer, tmp_path):
     """A model without a chat template: opd-eval's key is the top-level chat_template (opd-train's
     task.chat_template does not exist here; its message is tested in tests/tasks/)."""
     from hydra import compose, initialize_config_dir
@@ -92,8 +92,10 @@ def test_opd_eval_names_its_own_chat_template_key(tiny_tokenizer, tmp_path):
     from opd_cli.config.schema import register_configs
     from opd_cli.errors import UserError
 
+    from ..models.tiny import save_model
+
     assert tiny_tokenizer.chat_template is None
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    save_model(tmp_path / "model", tiny_model, tiny_tokenizer)
     overrides = [
         f"model.name_or_path={tmp_path / 'model'}",
         "tasks=[amc23]",

@@ -116,3 +116,23 @@ def test_a_diverging_run_stops_before_saving_a_non_finite_step(tmp_path, models_
     for ckpt in saved:
         weights = load_file(ckpt / "model" / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values()), ckpt
+
+
+@pytest.mark.integration
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_partial_save(tmp_path, models_dir):
+    """The run directory on a 256 KiB tmpfs: the first checkpoint does not fit."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs privileges this machine does not give")
+    try:
+        run = disk / "run"
+        argv = cli_argv(run, models_dir, "logger=none", "trainer.max_steps=2", "trainer.save_every=1")
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=600)
+        assert out.returncode == 2, out.stderr[-3000:]
+        line = out.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {run / 'checkpoints'}: no space left on device saving step 1"), line
+        assert "Traceback" not in out.stderr
+        assert not list((run / "checkpoints").iterdir())  # no .tmp-step_* left behind
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from opd_cli.training.loop import train
 
 from ..conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
+from ..models.tiny import save_model
 
 STEP_KEYS = {
     "loss",
@@ -186,10 +187,11 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(args, pattern, tmp_path):
         (["task=dapo_math"], r"^error: task\.dataset: cannot load data set 'BytedTsinghua-SIA/DAPO-Math-17k'"),
     ],
 )
-def test_hub_presets_fail_offline_with_one_line(args, pattern, tmp_path):
+def test_hub_presets_fail_offline_with_one_line(args, pattern, tmp_path, tiny_model, tiny_tokenizer):
     if "task=dapo_math" in args:
-        # the demo models are arith-only; point at hub models that cannot be fetched, so the task fails first
-        args = [*args, "model=qwen2.5-7b-instruct", "teacher=openthinker3"]
+        # the demo models are arith-only; point at a local model, so the data set is what fails
+        model = save_model(tmp_path / "model", tiny_model, tiny_tokenizer)
+        args = [*args, f"model.name_or_path={model}", f"teacher.name_or_path={model}"]
     out = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", "logger=none")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()

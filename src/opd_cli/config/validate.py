@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -35,12 +36,12 @@ from opd_cli.models.preflight import preflight
 from opd_cli.objectives.advantages import AGG_MODES
 from opd_cli.objectives.divergence import KNOB_CHOICES
 from opd_cli.objectives.masks import MASK_MODES
-from opd_cli.objectives.registry import OBJECTIVES
+from opd_cli.objectives.registry import OBJECTIVES, make_objective
 from opd_cli.rollout.registry import ROLLOUT_ENGINES
 from opd_cli.tasks.checking import CHECKERS
 from opd_cli.tasks.problems import check_task_data, task_config
 from opd_cli.tasks.prompts import check_template
-from opd_cli.teacher.registry import TEACHER_BACKENDS
+from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
 PARAM_DTYPE = {"fp32": "float32", "bf16-mixed": "float32", "bf16-pure": "bfloat16"}
@@ -187,6 +188,21 @@ def check_world(trainer: Any) -> None:
         raise UserError(f"trainer.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage}")
 
 
+def check_devices(cfg: Any) -> None:
+    """What needs a GPU is refused where torch sees none, before any rank or engine starts."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.trainer.device == "cuda" and not gpus:
+        raise UserError("trainer.device: cuda asked for, but torch sees no CUDA device; use trainer.device=auto or cpu")
+    if cfg.trainer.device != "cpu" and gpus and cfg.trainer.nproc_per_node > gpus:
+        raise UserError(
+            f"trainer.nproc_per_node: {cfg.trainer.nproc_per_node} ranks on a node where torch sees {gpus} GPU(s)"
+        )
+    engines = {"rollout.sleep": cfg.rollout.engine == "vllm", "teacher.sleep": cfg.teacher.backend == "vllm"}
+    for key, vllm in engines.items():
+        if _get(cfg, key) and vllm and not gpus:
+            raise UserError(f"{key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none")
+
+
 def check_question_regex(pattern: str | None) -> None:
     """``task.question_regex`` must compile and name a group ``question``."""
     if pattern is None:
@@ -250,6 +266,8 @@ def validate(cfg: Any) -> None:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
     check_world(cfg.trainer)
+    check_devices(cfg)
+    check_teacher_supplies(make_objective(cfg.loss), backend_supplies(cfg.teacher), cfg.teacher.backend)
     check_precision(cfg)
     if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
         raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")

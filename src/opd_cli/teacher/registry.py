@@ -65,6 +65,13 @@ def vllm_backend(cfg, path: str, tokenizer, device: torch.device, max_len: int) 
     return VLLMTeacher(memory.llm, memory), VLLMRollout(memory.llm, tokenizer, memory), rows
 
 
+def backend_supplies(tc) -> frozenset[str]:
+    """What the teacher backend ``tc`` (a teacher config) supplies, known before it is built."""
+    if tc.backend == "vllm":
+        return VLLMTeacher.supplies
+    return frozenset({"sampled_logprob", "topk"}) if tc.shard else HFTeacher.supplies
+
+
 # teacher.backend -> builder
 TEACHER_BACKENDS: dict[str, Callable[..., Built]] = {"hf": hf_backend, "vllm": vllm_backend}
 

@@ -12,6 +12,7 @@ save on purpose with ``OPD_TEST_KILL_BEFORE_COMMIT=step_<NNNNNN>``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -84,6 +85,23 @@ def remove_stale_saves(run_dir: Path) -> None:
     """Delete the ``.tmp-step_*`` directories of saves a killed process never committed."""
     for tmp in (run_dir / "checkpoints").glob(f".tmp-{_PREFIX}*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def explain_failed_save(run_dir: Path, step: int, free_before: int, error: Exception) -> str | None:
+    """After a save of ``step`` failed with ``error``: remove its temporary directory, and say so in one
+    line if the disk is full. torch and safetensors report a full disk in their own words, so it counts
+    as full when the error says so or the save wrote about as much as was free. None otherwise."""
+    tmp, _ = checkpoint_dirs(run_dir, step)
+    written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    says_full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error)
+    if not says_full and written < 0.9 * free_before:
+        return None
+    return (
+        f"{tmp.parent}: no space left on device saving step {step} ({written / 2**20:.1f} MiB written, "
+        f"{free_before / 2**20:.1f} MiB were free); free space, then resume with trainer.resume=true "
+        "(the last complete checkpoint is kept)"
+    )
 
 
 def save_rng(directory: Path, rank: int) -> None:

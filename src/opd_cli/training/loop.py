@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from opd_cli.objectives.registry import teacher_k
 from opd_cli.tasks.problems import load_problems
 from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
-from opd_cli.training.checkpoint import latest_checkpoint, remove_stale_saves
+from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
 from opd_cli.training.data import eval_seed, rollout_seed, step_prompts
 from opd_cli.training.evaluation import evaluate
@@ -209,9 +210,16 @@ def parameters_finite(model) -> bool:
 
 
 def save(p: Parts, run_dir: Path, step: int, state: dict) -> None:
+    """The checkpoint of ``step``, of finite parameters only; a save that fills the disk is one line."""
     if not parameters_finite(p.trainer.model):
         raise UserError(f"step {step}: the student's parameters are not finite; nothing was saved. Lower trainer.lr")
-    p.trainer.save(run_dir, step, p.tokenizer, state)
+    free = shutil.disk_usage(run_dir).free
+    try:
+        p.trainer.save(run_dir, step, p.tokenizer, state)
+    except Exception as e:
+        if this_rank().main and (message := explain_failed_save(run_dir, step, free, e)):
+            raise UserError(message) from None
+        raise
 
 
 def train(cfg, run_dir: Path) -> dict:
