@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from opd_cli.training.loop import train
@@ -152,12 +153,30 @@ BAD_INPUTS = [
     (["rollout.max_new_tokens=-5"], r"^error: rollout\.max_new_tokens: must be an integer >= 1, got -5$"),
     (["model.name_or_path=./missing/model"], r"^error: model\.name_or_path: local model path not found"),
     (["loss.k=abc"], r"^error: .*loss\.k.*abc"),
+    (["trainer.betas=[0.9]"], r"^error: trainer\.betas: must be two numbers in \[0, 1\)"),
+    (["trainer.weight_decay=-1"], r"^error: trainer\.weight_decay: must be a finite number >= 0, got -1"),
+    (["trainer.lr=inf"], r"^error: trainer\.lr: must be a finite number > 0, got inf$"),
+    (["rollout.temperature=inf"], r"^error: rollout\.temperature: must be a finite number > 0, got inf$"),
+    (["+trainer.max_step=3"], r"^error: trainer\.max_step: not a key of 'trainer'.*did you mean trainer\.max_steps\?$"),
+    (["+foo=bar"], r"^error: foo: not a key of the config"),
+    (["task.template='Q: {question} {foo}'"], r"^error: task\.template: unknown placeholder '\{foo\}'"),
+    (["task.n_eval=9000"], r"^error: task\.n_eval: "),
+    (
+        ["teacher.backend=vllm", "loss=fkl"],
+        r"^error: loss: 'fkl' needs full from the teacher, which teacher\.backend=vllm",
+    ),
     (["loss.nokey=1"], r"^error: .*nokey"),
     (
         ["loss.mask_tokens=[<|im_end|>]"],
         r"^error: cannot parse the override 'loss\.mask_tokens=\[<\|im_end\|>\]': quote",
     ),
 ]
+
+if not torch.cuda.is_available():
+    BAD_INPUTS += [
+        (["trainer.device=cuda"], r"^error: trainer\.device: cuda asked for, but torch sees no CUDA device"),
+        (["rollout=vllm", "rollout.sleep=true"], r"^error: rollout\.sleep=true: vLLM's sleep mode needs a GPU"),
+    ]
 
 
 @pytest.mark.cli
