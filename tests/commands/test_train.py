@@ -215,3 +215,66 @@ def test_hub_presets_fail_offline_with_one_line(args, pattern, tmp_path, tiny_mo
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), out.stderr
+
+
+# --------------------------------------------------------------------------- samples and W&B settings
+
+
+@pytest.mark.integration
+def test_two_steps_write_samples_of_training_and_evaluation(tmp_path, models_dir):
+    """samples.jsonl after a 2-step run (samples every step, every token kept): the responses of the
+    evaluations (steps 0 and 2) and of each training step, as the student's tokenizer decodes their
+    tokens and with the checker's verdict; the same rows go to the offline W&B run's table."""
+    from transformers import AutoTokenizer
+
+    from opd_cli.tasks.checking import make_checker
+
+    run = tmp_path / "samples"
+    opd_train(run, models_dir, "trainer.max_steps=2", "logger.samples_every=1", "logger.samples_tokens=64")
+    rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(0, "eval")] * 4 + [(1, "train")] * 4 + [(2, "train")] * 4 + [
+        (2, "eval")
+    ] * 4  # logger.samples_per_step: 4 (4 prompts x rollout.n=2 per step: one response of each prompt)
+    assert len({r["prompt"] for r in rows if r["step"] == 1}) == 4
+    tokenizer = AutoTokenizer.from_pretrained(run / "checkpoints/step_000002/model")
+    checker = make_checker(compose_cfg().task)
+    for r in rows:
+        assert tokenizer.decode(r["token_ids"], skip_special_tokens=True) == r["response"]
+        assert r["length"] == len(r["token_ids"]) == len(r["student_logprobs"]) <= 24
+        assert r["correct"] == checker(r["response"], r["answer"])
+        assert r["student_logprob_mean"] == pytest.approx(sum(r["student_logprobs"]) / r["length"])
+        if r["phase"] == "train":  # the teacher scored the training rollouts
+            assert r["teacher_logprob_mean"] == pytest.approx(sum(r["teacher_logprobs"]) / r["length"])
+        else:
+            assert r["teacher_logprob_mean"] is None and r["teacher_logprobs"] is None
+    tables = list((run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
+    assert len(tables) == 4  # one per logged step: 0, 1, 2 (train) and 2 (eval), each with its new rows
+
+
+@pytest.mark.integration
+def test_wandb_mode_disabled_writes_no_wandb_run(tmp_path, models_dir):
+    """logger=wandb leaves logger.mode null: WANDB_MODE=disabled in the environment means no W&B run."""
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=1", "eval.n_problems=4", "eval.k=1", "logger.samples_every=0"]
+    opd_train(run, models_dir, *args, env={"WANDB_MODE": "disabled"})
+    assert [r["step"] for r in metrics(run)] == [0, 1]
+    assert not (run / "wandb").exists() and not (run / "wandb_run_id").exists()
+    assert not (run / "samples.jsonl").exists()  # logger.samples_every=0: no samples
+
+
+@pytest.mark.unit
+def test_sweep_jobs_are_named_by_their_overrides():
+    from opd_cli.commands.train import sweep_logging
+
+    cfg = compose_cfg().logger  # name, group and tags null
+    overrides = ["loss.k=4", "hydra.verbose=true"]
+    # a single run: nothing set here (W&B takes the run directory's name later)
+    assert sweep_logging(cfg, {}, False, "outputs/sweeps/s1", "loss.k=4", overrides) == (None, None, None)
+    name, group, tags = sweep_logging(cfg, {}, True, "outputs/sweeps/s1", "loss.k=4", overrides)
+    assert (name, group, tags) == ("s1/loss.k=4", "outputs/sweeps/s1", ["loss.k=4"])
+    # a WANDB_* variable leaves the key null, so that it applies; WANDB_TAGS are kept and the overrides added
+    env = {"WANDB_NAME": "mine", "WANDB_RUN_GROUP": "g", "WANDB_TAGS": "t"}
+    assert sweep_logging(cfg, env, True, "outputs/sweeps/s1", "loss.k=4", overrides) == (None, None, ["t", "loss.k=4"])
+    # values set in the config are kept
+    cfg = compose_cfg(["logger.name=n", "logger.group=g", "logger.tags=['loss.k=4']"]).logger
+    assert sweep_logging(cfg, env, True, "outputs/sweeps/s1", "loss.k=4", overrides) == ("n", "g", ["loss.k=4"])

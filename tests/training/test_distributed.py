@@ -1,5 +1,6 @@
 """Many ranks with DeepSpeed ZeRO on CPU processes (gloo), launched by the real opd-train (integration tier)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -188,3 +189,16 @@ def test_sharded_teacher_refuses_an_objective_needing_the_full_q(tmp_path, model
     assert out.returncode == 2
     assert "error: loss: 'full_rkl' needs full from the teacher" in out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_two_ranks_rank_0_writes_the_samples_of_its_share(tmp_path, models_dir):
+    """samples.jsonl under ZeRO-3 (the rollout runs in step on both ranks): rank 0 writes its own share of
+    each step's prompts (2 of trainer.prompts_per_step=4), and the evaluations' samples, once."""
+    opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", "logger.samples_every=1")
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["phase"]) for r in rows] == [(0, "eval")] * 4 + [(1, "train")] * 4 + [(2, "train")] * 4 + [
+        (2, "eval")
+    ] * 4
+    for step in (1, 2):  # rank 0's 2 prompts x rollout.n=2 responses
+        assert len({r["prompt"] for r in rows if r["step"] == step and r["phase"] == "train"}) == 2
+    assert all(isinstance(r["teacher_logprob_mean"], float) for r in rows if r["phase"] == "train")

@@ -6,7 +6,9 @@ model) ends with one line ``error: ...`` on stderr and exit code 2, no traceback
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import hydra
@@ -17,24 +19,34 @@ from omegaconf import DictConfig
 from opd_cli.commands.app import CONF_DIR, run_app
 from opd_cli.errors import one_line_errors
 from opd_cli.training.launch import launch
+from opd_cli.training.logger import env_value, wandb_settings
 from opd_cli.training.loop import train
 
 
-def sweep_group_and_tags(group: str | None, tags: list[str], multirun: bool, sweep_dir: str, overrides: list[str]):
-    """W&B grouping: the jobs of one sweep share a group (the sweep directory), and each job's
-    overrides become its tags (W&B caps a tag at 64 characters). Set values are kept."""
+def sweep_logging(logger, env: Mapping[str, str], multirun: bool, sweep_dir: str, job: str, overrides: list[str]):
+    """W&B name, group and tags of a run: in a multirun the jobs of one sweep share a group (the sweep
+    directory), each job is named ``<sweep dir name>/<job>`` (``job``: its overrides as Hydra joins them,
+    ``hydra.job.override_dirname``), and each job's overrides join its tags (W&B caps a tag at 64
+    characters). A value the config sets, or a ``WANDB_*`` variable sets (``training/logger.py``), is kept."""
     if not multirun:
-        return group, tags
+        return logger.name, logger.group, logger.tags
+    name, group = logger.name, logger.group
+    if name is None and env_value("name", env) is None:
+        name = f"{Path(sweep_dir).name}/{job}"
+    if group is None and env_value("group", env) is None:
+        group = sweep_dir
+    tags = wandb_settings(logger, env, "")["tags"]
     extra = [o[:64] for o in overrides if not o.startswith(("hydra.", "hydra/"))]
-    return group or sweep_dir, list(tags) + [t for t in extra if t not in tags]
+    return name, group, tags + [t for t in extra if t not in tags]
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    cfg.logger.group, cfg.logger.tags = sweep_group_and_tags(
-        cfg.logger.group, list(cfg.logger.tags), hc.mode == RunMode.MULTIRUN, hc.sweep.dir, list(hc.overrides.task)
+    multirun, job = hc.mode == RunMode.MULTIRUN, hc.job.override_dirname or str(hc.job.num)
+    cfg.logger.name, cfg.logger.group, cfg.logger.tags = sweep_logging(
+        cfg.logger, os.environ, multirun, hc.sweep.dir, job, list(hc.overrides.task)
     )
     with one_line_errors():
         if cfg.trainer.nproc_per_node * cfg.trainer.nnodes > 1:

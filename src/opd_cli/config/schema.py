@@ -145,12 +145,16 @@ class TrainEvalConfig(EvalConfig):
 @dataclass
 class LoggerConfig:
     backend: str = "wandb"
-    mode: str = "offline"
-    project: str = "opd-cli"
+    # null: the WANDB_* environment variable, else the default (training/logger.py, wandb_settings)
+    mode: str | None = None
+    project: str | None = None
     entity: str | None = None
     name: str | None = None
     group: str | None = None
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] | None = None
+    samples_every: int = 10
+    samples_per_step: int = 4
+    samples_tokens: int = 0
 
 
 @dataclass

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "trainer.cpu_linear": ("auto", "onednn", "blas"),
         "trainer.precision": ("auto", *PARAM_DTYPE),
         "logger.backend": ("wandb", "none"),
-        "logger.mode": ("offline", "online", "disabled"),
     }
 
 
@@ -99,10 +98,19 @@ AT_LEAST_ONE = [
     "demo.num_layers",
     "demo.teacher_steps",
     "demo.batch_size",
+    "logger.samples_per_step",
 ]
 
 
-AT_LEAST_ZERO = ["trainer.save_every", "trainer.warmup_steps", "eval.every", "demo.student_steps", "task.n_eval"]
+AT_LEAST_ZERO = [
+    "trainer.save_every",
+    "trainer.warmup_steps",
+    "eval.every",
+    "demo.student_steps",
+    "task.n_eval",
+    "logger.samples_every",
+    "logger.samples_tokens",
+]
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -203,6 +211,22 @@ def check_devices(cfg: Any) -> None:
             raise UserError(f"{key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none")
 
 
+# logger.mode, and WANDB_MODE where logger.mode is null
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def check_logger(logger: Any, env: Mapping[str, str]) -> None:
+    """``logger.mode``, or where it is null (the environment decides) the ``WANDB_MODE`` it takes."""
+    if logger.mode is not None and logger.mode not in WANDB_MODES:
+        raise UserError(f"logger.mode: '{logger.mode}' is not one of: {', '.join(WANDB_MODES)} (or null: WANDB_MODE)")
+    wandb_mode = env.get("WANDB_MODE", "").strip()
+    if logger.backend == "wandb" and logger.mode is None and wandb_mode and wandb_mode not in WANDB_MODES:
+        raise UserError(
+            f"logger.mode: null takes WANDB_MODE from the environment, which is '{wandb_mode}', not one of: "
+            f"{', '.join(WANDB_MODES)}; set logger.mode or WANDB_MODE"
+        )
+
+
 def check_question_regex(pattern: str | None) -> None:
     """``task.question_regex`` must compile and name a group ``question``."""
     if pattern is None:
@@ -265,6 +289,7 @@ def validate(cfg: Any) -> None:
     if cfg.loss.dual_clip is not None and cfg.loss.dual_clip <= 1:
         raise UserError(f"loss.dual_clip: must be > 1 or null, got {cfg.loss.dual_clip}")
     check_divergence(cfg.loss)
+    check_logger(cfg.logger, os.environ)
     check_world(cfg.trainer)
     check_devices(cfg)
     check_teacher_supplies(make_objective(cfg.loss), backend_supplies(cfg.teacher), cfg.teacher.backend)

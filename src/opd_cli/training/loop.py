@@ -39,6 +39,7 @@ from opd_cli.training.data import eval_seed, rollout_seed, step_prompts
 from opd_cli.training.evaluation import evaluate
 from opd_cli.training.launch import StopRequest
 from opd_cli.training.logger import MetricsLogger, NullLogger
+from opd_cli.training.samples import Recording, SampleLog
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,9 @@ def outcome_scores(batch: RolloutBatch, prompts: list[str], p: Parts) -> torch.T
     return torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
 
 
-def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[str, float]:
+def opd_step(
+    step: int, prompts: list[str], p: Parts, cfg, rank: Rank, samples: SampleLog | None = None
+) -> dict[str, float]:
     """One training step on this rank's share of the prompts; returns the job's metrics.
 
     ``time/<phase>_s`` says where the step's wall time went: rollout, teacher scoring,
@@ -113,6 +116,8 @@ def opd_step(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> dict[s
         p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     with clock.phase("teacher"):
         support = p.teacher.score(batch, teacher_k(lc), keep_hidden="full" in p.objective.teacher_needs)
+    if samples is not None and samples.due(step):  # logger.samples_every: a few responses to samples.jsonl
+        samples.train(step, prompts, batch, support, p.rollout)
     with clock.phase("student"):
         scores = outcome_scores(batch, prompts, p) if lc.outcome_weight else None
         outcome = None if scores is None else lc.outcome_weight * group_advantage(scores, batch.prompt_index)
@@ -257,9 +262,16 @@ def train(cfg, run_dir: Path) -> dict:
     config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     seed = eval_seed(cfg.trainer.seed)
+    samples = None
+    if rank.main and cfg.logger.samples_every:
+        samples = SampleLog.of_run(cfg.logger, logger, p, train_problems, eval_problems, cfg.task)
 
-    def evaluate_student() -> float:
-        return evaluate(p.rollout, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
+    def evaluate_student(step: int) -> float:
+        engine = p.rollout if samples is None else Recording(p.rollout)
+        acc = evaluate(engine, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
+        if samples is not None:
+            samples.eval(step, engine)  # a few of the evaluation's responses to samples.jsonl
+        return acc
 
     def stop_here(step: int, saved: bool) -> None:
         """A stop request: save this step (unless just saved) and end with ``Stopped``."""
@@ -272,7 +284,7 @@ def train(cfg, run_dir: Path) -> dict:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
             state["acc_teacher"] = evaluate(p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
-            state["acc_before"] = evaluate_student()
+            state["acc_before"] = evaluate_student(0)
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
             if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
                 stop_here(0, saved=False)
@@ -282,10 +294,10 @@ def train(cfg, run_dir: Path) -> dict:
         bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)
         for step in bar:
             prompts = shard(step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
-            metrics = opd_step(step, prompts, p, cfg, rank)
+            metrics = opd_step(step, prompts, p, cfg, rank, samples)
             last = step == cfg.trainer.max_steps
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student()
+                acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student(step)
                 for name, b in p.benchmarks.items():
                     metrics[f"eval/{name}/acc"] = evaluate(p.rollout, b.problems, b.prompts, b.checker, cfg.eval, seed)
             logger.log(step, metrics)
