@@ -43,6 +43,30 @@ def test_opd_eval_reports_every_benchmark(tmp_path, models_dir):
         assert row["avg@2"] <= row["pass@2"] <= 1
     assert results["arith"]["gap_recovery"] == pytest.approx((results["arith"]["avg@2"] - 0.1) / 0.8)
     assert "| arith |" in (tmp_path / "eval.md").read_text()
+    # the sampling settings, and every generation with its verdict
+    settings = json.loads((tmp_path / "eval.json").read_text())["settings"]
+    assert settings == {
+        "model": "demo:student",
+        "engine": "hf",
+        "k": 2,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "max_new_tokens": 16,
+        "seed": 0,
+    }
+    assert (
+        "Sampling: engine hf, k 2, temperature 1.0, top_p 0.9, max_new_tokens 16, seed 0."
+        in (tmp_path / "eval.md").read_text()
+    )
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    for name, row in results.items():
+        mine = [r for r in rows if r["benchmark"] == name]
+        assert [(r["problem"], r["sample"]) for r in mine] == [(i, j) for i in range(row["n_problems"]) for j in (0, 1)]
+        assert sum(r["correct"] for r in mine) / len(mine) == pytest.approx(row["avg@2"])
+    aime = [r for r in rows if r["benchmark"] == "aime24"]
+    fixture = [json.loads(line) for line in (FIXTURES / "aime24.jsonl").read_text().splitlines()]
+    assert [(r["question"], r["answer"]) for r in aime[::2]] == [(f["problem"], f["answer"]) for f in fixture]
+    assert all(isinstance(r["response"], str) and isinstance(r["correct"], bool) for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -80,6 +104,8 @@ def test_opd_eval_with_vllm_sampling(tmp_path, models_dir):
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads((tmp_path / "eval.json").read_text())["results"]["arith"]
     assert row["n_problems"] == 4 and 0 <= row["avg@2"] <= 1
+    assert json.loads((tmp_path / "eval.json").read_text())["settings"]["engine"] == "vllm"
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == 8
 
 
 @pytest.mark.unit

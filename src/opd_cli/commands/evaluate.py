@@ -2,7 +2,8 @@
 
 For each benchmark in ``tasks``: ``eval.k`` samples per problem, avg@k, unbiased
 pass@k for each ``pass_k``, and, given ``teacher_acc`` and ``baseline_acc``, the gap
-recovery rate. Writes ``eval.json`` and ``eval.md`` in the Hydra run directory.
+recovery rate. Writes ``eval.json`` and ``eval.md`` (the scores and the sampling settings) and
+``generations.jsonl`` (every sampled response and its verdict) in the Hydra run directory.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ from opd_cli.models.checks import check_attention_mask, choose_decoder
 from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
 from opd_cli.rollout.registry import RolloutSpec, make_rollout
 from opd_cli.tasks.checking import make_checker
-from opd_cli.tasks.problems import load_problems, task_config
+from opd_cli.tasks.problems import Problem, load_problems, task_config
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.tasks.scores import avg_at_k, gap_recovery, mean_pass_at_k
 from opd_cli.training.data import prompt_length
 from opd_cli.training.evaluation import sample_correctness
+from opd_cli.training.samples import Recording
 
 
 def run(cfg, out_dir: Path) -> dict:
@@ -56,22 +58,69 @@ def run(cfg, out_dir: Path) -> dict:
         check_attention_mask(model, "model.name_or_path")
         choose_decoder(model)
     sampler = make_rollout(cfg.rollout, RolloutSpec(model, tok, path, max_len, cfg.model.dtype, cfg.seed))
-    results = {}
+    results, generations = {}, []
     for name, (tcfg, problems, prompts) in benchmarks.items():
-        correct = sample_correctness(sampler, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed)
+        recording = Recording(sampler)
+        correct = sample_correctness(recording, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed)
+        generations += generation_rows(name, problems, prompts, recording, correct)
         row = {"n_problems": len(problems), "k": cfg.eval.k, f"avg@{cfg.eval.k}": avg_at_k(correct)}
         row.update({f"pass@{k}": mean_pass_at_k(correct, k) for k in cfg.pass_k})
         if cfg.teacher_acc.get(name) is not None and cfg.baseline_acc.get(name) is not None:
             row["gap_recovery"] = gap_recovery(row[f"avg@{cfg.eval.k}"], cfg.teacher_acc[name], cfg.baseline_acc[name])
         results[name] = row
-    write_results(out_dir, cfg.model.name_or_path, results)
+    write_results(out_dir, cfg.model.name_or_path, results, sampling_settings(cfg))
+    write_generations(out_dir, generations)
     return results
 
 
-def write_results(out_dir: Path, model: str, results: dict) -> None:
-    (out_dir / "eval.json").write_text(json.dumps({"model": model, "results": results}, indent=2) + "\n")
+def sampling_settings(cfg) -> dict:
+    """How the responses were sampled, recorded with the scores."""
+    e = cfg.eval
+    return {
+        "model": cfg.model.name_or_path,
+        "engine": cfg.rollout.engine,
+        "k": e.k,
+        "temperature": e.temperature,
+        "top_p": e.top_p,
+        "max_new_tokens": e.max_new_tokens,
+        "seed": cfg.seed,
+    }
+
+
+def generation_rows(
+    benchmark: str, problems: list[Problem], prompts: list[str], recording: Recording, correct: list[list[bool]]
+) -> list[dict]:
+    """One row per sampled response of a benchmark: which problem (its index, question and gold answer),
+    which of its samples, the response as the checker read it, and the verdict."""
+    if recording.prompts != prompts:  # the evaluation sampled the problems in order, each once
+        raise RuntimeError("opd-eval: the recorded generations do not follow the benchmark's problems")
+    k = len(correct[0]) if correct else 0
+    return [
+        {
+            "benchmark": benchmark,
+            "problem": i,
+            "question": p.question,
+            "answer": p.answer,
+            "sample": j,
+            "response": recording.texts[i * k + j],
+            "correct": ok,
+        }
+        for i, (p, verdicts) in enumerate(zip(problems, correct, strict=True))
+        for j, ok in enumerate(verdicts)
+    ]
+
+
+def write_generations(out_dir: Path, rows: list[dict]) -> None:
+    (out_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def write_results(out_dir: Path, model: str, results: dict, settings: dict) -> None:
+    data = {"model": model, "settings": settings, "results": results}
+    (out_dir / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
     keys = sorted({k for row in results.values() for k in row}, key=lambda k: (k != "n_problems", k != "k", k))
-    lines = [f"# Evaluation of {model}", "", "| benchmark | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    sampled = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
+    lines = [f"# Evaluation of {model}", "", f"Sampling: {sampled}.", ""]
+    lines += ["| benchmark | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in results.items():
         cells = [f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
