@@ -26,9 +26,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from opd_cli.analysis.plots import draw_band
 from opd_cli.objectives.advantages import discounted_returns
 from opd_cli.objectives.math import ppo_token_loss
 
@@ -221,10 +223,8 @@ def plot(results: dict, cfg, out_dir: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for g, by_seed in results.items():
-        runs = torch.tensor([r["variance"] for r in by_seed.values()])
-        xs = range(runs.shape[1])
-        ax.plot(xs, runs.median(0).values, label=f"gamma = {g}")
-        ax.fill_between(xs, runs.min(0).values, runs.max(0).values, alpha=0.2)
+        runs = np.array([r["variance"] for r in by_seed.values()])
+        draw_band(ax, range(runs.shape[1]), runs, f"gamma = {g}", center="median", band="minmax")
     ax.set_yscale("log")
     ax.set_title(
         "output-layer gradient variance over micro-batches\n(line: median over seeds, band: min-max)", fontsize=10
