@@ -111,6 +111,45 @@ SHORT = [
 ]
 
 
+def _endpoint(monkeypatch, url: str) -> None:
+    """Point the Hugging Face hub client (and opd-cli's reachability probe) at ``url``."""
+    from huggingface_hub import constants
+
+    from opd_cli.models.preflight import hub_unreachable
+
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    hub_unreachable.cache_clear()
+
+
+@pytest.fixture
+def hub_answers(monkeypatch):
+    """A hub endpoint that answers (a local HTTP server, 404 to everything): validation of hub presets sees a
+    reachable hub where this machine has none, and leaves the download to load time, as online."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _endpoint(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+    yield
+    server.shutdown()
+    server.server_close()
+    from opd_cli.models.preflight import hub_unreachable
+
+    hub_unreachable.cache_clear()
+
+
+@pytest.fixture
+def hub_down(monkeypatch):
+    """A hub endpoint nothing listens on (connection refused at once)."""
+    _endpoint(monkeypatch, "http://127.0.0.1:9")
+    yield
+    from opd_cli.models.preflight import hub_unreachable
+
+    hub_unreachable.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

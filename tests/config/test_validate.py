@@ -3,6 +3,7 @@ training precision resolves as documented. The CLI's one-line errors are in test
 
 import re
 import shutil
+import time
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -25,18 +26,29 @@ def presets(group):
 
 
 @pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
-def test_every_preset_composes_and_validates(group, preset):
+def test_every_preset_composes_and_validates(group, preset, hub_answers):
     cfg = compose_cfg([f"{group}={preset}"])
     if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
         validate(cfg)
 
 
-def test_real_world_presets():
+def test_real_world_presets(hub_answers):
     cfg = compose_cfg(["model=qwen2.5-7b-instruct", "teacher=openthinker3", "task=dapo_math"])
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-7B-Instruct"
     assert cfg.teacher.name_or_path == "open-thoughts/OpenThinker3-7B"
     assert cfg.task.dataset == "BytedTsinghua-SIA/DAPO-Math-17k"
     validate(cfg)
+
+
+def test_an_unreachable_hub_is_refused_in_seconds(hub_down):
+    """Without HF_HUB_OFFLINE, a hub id on a machine that cannot reach the hub: one line with the hint, at once
+    (the hub client alone retries for about a minute)."""
+    cfg = compose_cfg(["model=qwen2.5-7b-instruct", "teacher=openthinker3"])
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"^model\.name_or_path: cannot fetch 'Qwen/Qwen2\.5-7B-Instruct': "
+                       r"http://127\.0\.0\.1:9 cannot be reached .*; set HF_HUB_OFFLINE=1 to use the local cache"):  # fmt: skip
+        validate(cfg)
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.parametrize(
@@ -317,7 +329,7 @@ def test_bad_data_files_are_refused_naming_the_key(case, name, content, end, tmp
     assert got.startswith(f"task_paths.amc23: {path}{end}"), got
 
 
-def test_a_good_file_validates_and_a_directory_is_refused(tmp_path):
+def test_a_good_file_validates_and_a_directory_is_refused(tmp_path, hub_answers):
     path = write(tmp_path, "ok.jsonl", GOOD_ROW * 2)
     validate(compose_cfg([*HUB_TASK, f"task.path={path}"]))
     validate(compose_cfg(["eval.benchmarks=[amc23]", f"eval.benchmark_paths.amc23={path}"]))
@@ -327,7 +339,7 @@ def test_a_good_file_validates_and_a_directory_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("n_eval", [3, 5])
-def test_n_eval_beyond_the_data_is_refused(n_eval, tmp_path):
+def test_n_eval_beyond_the_data_is_refused(n_eval, tmp_path, hub_answers):
     path = write(tmp_path, "three.jsonl", GOOD_ROW * 3)
     validate(compose_cfg([*HUB_TASK, f"task.path={path}", "task.n_eval=2"]))
     got = _refused(validate, compose_cfg([*HUB_TASK, f"task.path={path}", f"task.n_eval={n_eval}"]))

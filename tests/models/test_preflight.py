@@ -171,7 +171,7 @@ def test_a_cached_hub_id_offline_is_checked_in_its_snapshot(hub_cache, saved_stu
         preflight("org/tiny", KEY, trust_remote_code=False)
 
 
-def test_online_a_hub_id_is_left_to_the_download(hub_cache, saved_student, monkeypatch):
+def test_online_a_hub_id_is_left_to_the_download(hub_cache, saved_student, monkeypatch, hub_answers):
     """Online, what the cache lacks is fetched at load time: nothing cached is fine, and so is a cached config
     and tokenizer without weights (checked as far as they go)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -42,7 +42,8 @@ def server_command(cfg, model_path: str) -> list[str]:
 def main() -> None:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=sys.argv[1:])
+        # a server is a vLLM engine: its backend goes without saying
+        cfg = compose(config_name="train", overrides=["teacher.backend=vllm", *sys.argv[1:]])
     with one_line_errors():
         validate(cfg)
         path = resolve_path(cfg.teacher.name_or_path, cfg)

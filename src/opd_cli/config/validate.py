@@ -32,13 +32,13 @@ from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable
 from opd_cli.config.schema import TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
-from opd_cli.models.preflight import preflight
+from opd_cli.models.preflight import check_hub_reachable, offline, preflight
 from opd_cli.objectives.advantages import AGG_MODES
 from opd_cli.objectives.divergence import KNOB_CHOICES
 from opd_cli.objectives.masks import MASK_MODES
 from opd_cli.objectives.registry import OBJECTIVES, make_objective
 from opd_cli.rollout.registry import ROLLOUT_ENGINES
-from opd_cli.tasks.checking import CHECKERS
+from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, task_config
 from opd_cli.tasks.prompts import check_template
 from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
@@ -62,7 +62,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "teacher.backend": tuple(TEACHER_BACKENDS),
         "rollout.engine": tuple(ROLLOUT_ENGINES),
         "task.name": ("arith", "hub"),
-        "task.checker": tuple(CHECKERS),
         "trainer.engine": ("torch", "deepspeed"),
         "trainer.device": DEVICES,
         "trainer.lr_schedule": ("constant", "cosine"),
@@ -309,10 +308,13 @@ def validate(cfg: Any) -> None:
         raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
     if cfg.task.name == "hub" and not (cfg.task.dataset or cfg.task.path):
         raise UserError("task.dataset: a hub task needs task.dataset or task.path")
+    if cfg.task.name == "hub" and not cfg.task.path and not offline():
+        check_hub_reachable(cfg.task.dataset, "task.dataset")
     if cfg.task.path and not Path(cfg.task.path).exists():
         raise UserError(f"task.path: file not found: {cfg.task.path}")
     check_template(cfg.task.template)
     check_question_regex(cfg.task.question_regex)
+    resolve_checker(cfg.task.checker)
     check_task_data(cfg.task)  # a local file's every row, and task.n_eval against the row count
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:

@@ -9,12 +9,16 @@ tensor). What it returns (the tokenizer and the config's ``vocab_size``) is what
 ``loading.check_same_vocabulary`` compares between student and teacher.
 
 A hub id missing from the cache is refused when ``HF_HUB_OFFLINE`` is set (nothing can fetch it);
-online it is left to the download at load time, and so are the weights of a cached one.
+online it is left to the download at load time, and so are the weights of a cached one, once one
+request has shown the hub can be reached (else the line says to set ``HF_HUB_OFFLINE=1``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,34 @@ def offline() -> bool:
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (one request, ``HUB_PROBE_TIMEOUT_S`` at most),
+    or None. Asked once per process, and only where a hub id is to be fetched: without it, an off-line
+    machine retries for about a minute, with doubled warnings, before the load fails."""
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        return None  # the hub answered
+    except (urllib.error.URLError, OSError) as e:
+        return f"{constants.ENDPOINT} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+def check_hub_reachable(what: str, key: str) -> None:
+    """Refuse, in seconds, to fetch ``what`` from a hub that cannot be reached; say how to use the cache."""
+    if why := hub_unreachable():
+        raise UserError(
+            f"{key}: cannot fetch '{what}': {why}; set HF_HUB_OFFLINE=1 to use the local cache, "
+            "or download it on a machine with network first"
+        )
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
@@ -142,6 +174,8 @@ def model_directory(name_or_path: str, key: str) -> tuple[Path | None, bool]:
             f"{key}: cannot load '{name_or_path}': it is not in the local Hugging Face cache and HF_HUB_OFFLINE=1, "
             "so it cannot be fetched; download it first or unset HF_HUB_OFFLINE"
         )
+    if not offline():
+        check_hub_reachable(name_or_path, key)
     return snapshot, offline()
 
 

@@ -210,3 +210,16 @@ def build(loss_cfg, teacher_head: torch.Tensor | None = None) -> Objective:
     spec = DivergenceSpec(**{f.name: getattr(loss_cfg, f.name) for f in fields(DivergenceSpec)})
     objective = SupportDivergence(spec, loss_cfg.k, loss_cfg.name, teacher_head)
     return WithOutcome(objective, policy_gradient.build(loss_cfg)) if loss_cfg.outcome_weight else objective
+
+
+def degenerate(loss_cfg) -> str | None:
+    """Why a divergence setting trains nothing, or None: renormalized on a support of one token, the student's
+    and the teacher's distributions are both 1 there, so the loss and its gradient are exactly 0."""
+    one_token = loss_cfg.k == 1 and loss_cfg.support in ("teacher", "student")
+    if loss_cfg.objective == "support_divergence" and one_token and loss_cfg.renormalize and not loss_cfg.tail:
+        return (
+            f"loss.k=1 with loss.support={loss_cfg.support} renormalized: both distributions are 1 on the one "
+            "token, so the loss and its gradient are exactly 0 and this run trains nothing "
+            "(a K sweep's baseline; use loss.k >= 2, loss.tail=true, or loss=sampled_token to train)"
+        )
+    return None

@@ -1,10 +1,17 @@
-"""Answer checkers (``task.checker``): whether a response's final answer equals the gold one."""
+"""Answer checkers (``task.checker``): whether a response's final answer equals the gold one.
+
+A built-in by name, or a function of your own by import path (``task.checker=mypkg.checks:lenient``).
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import threading
 from collections.abc import Callable
+
+from opd_cli.errors import UserError
 
 
 def last_boxed(text: str) -> str | None:
@@ -82,7 +89,32 @@ CHECKERS: dict[str, Callable[..., bool]] = {"exact": check_exact, "math_verify":
 CHECKER_OPTIONS: dict[str, dict[str, str]] = {"math_verify": {"timeout_s": "answer_timeout_s"}}
 
 
+def resolve_checker(name: str, key: str = "task.checker") -> Callable[..., bool]:
+    """The check ``task.checker`` names: a built-in (``CHECKERS``) or ``package.module:function``, a function
+    of your own taking ``(response, gold)`` and returning whether the response is right (its reward)."""
+    if name in CHECKERS:
+        return CHECKERS[name]
+    module_name, colon, attr = name.partition(":")
+    if not colon or not module_name or not attr:
+        raise UserError(f"{key}: '{name}' is not one of: {', '.join(CHECKERS)}, nor a 'package.module:function' path")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"{key}: cannot import '{module_name}' ({e}); is its directory on PYTHONPATH?") from None
+    check = getattr(module, attr, None)
+    if not callable(check):
+        raise UserError(f"{key}: '{module_name}' has no function '{attr}'")
+    try:
+        inspect.signature(check).bind("response", "gold")
+    except TypeError:
+        raise UserError(f"{key}: '{name}' must take (response, gold) and return a bool") from None
+    except ValueError:
+        pass  # a builtin without a signature: called as is
+    return check
+
+
 def make_checker(task_cfg) -> Checker:
     """The task's answer check as ``check(response, gold) -> bool``."""
+    check = resolve_checker(task_cfg.checker)
     options = {arg: getattr(task_cfg, key) for arg, key in CHECKER_OPTIONS.get(task_cfg.checker, {}).items()}
-    return functools.partial(CHECKERS[task_cfg.checker], **options) if options else CHECKERS[task_cfg.checker]
+    return functools.partial(check, **options) if options else check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from opd_cli.dist import Rank, barrier
 from opd_cli.models.checks import check_model
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
 from opd_cli.objectives.base import Objective
+from opd_cli.objectives.divergence import degenerate
 from opd_cli.objectives.masks import mask_token_ids
 from opd_cli.objectives.registry import make_objective
 from opd_cli.rollout.registry import RolloutSpec, make_rollout
@@ -23,6 +25,8 @@ from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
 from opd_cli.training.data import prompt_length, training_prompts
 from opd_cli.training.evaluation import Benchmark, load_benchmarks
 from opd_cli.training.trainers import make_trainer
+
+log = logging.getLogger(__name__)
 
 
 def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
@@ -80,6 +84,8 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     # covers what it could not see (a resumed student, a hub model downloaded just now)
     check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
     objective = make_objective(cfg.loss, teacher.head)
+    if rank.main and (why := degenerate(cfg.loss)):
+        log.warning(why)
     check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     trainer = make_trainer(student, cfg.trainer, rank, precision)
