@@ -102,6 +102,28 @@ def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
         assert hf.input_ids[row][hf.response_mask[row]].tolist() == vl.input_ids[row][vl.response_mask[row]].tolist()
 
 
+def test_greedy_after_lora_sync_matches_hf(saved_model, tiny_tokenizer):
+    """A LoRA student's engine is loaded from the base and sent the weights its adapters make (merged)."""
+    from transformers import AutoModelForCausalLM
+
+    from opd_cli.config.schema import LoraConfig
+    from opd_cli.models.student import add_lora
+
+    engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(saved_model), LoraConfig(enabled=True, r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # trained adapters: B is no longer 0
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    before = engine.generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)
+    engine.sync(model)
+    hf = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)  # top-p ~0: greedy
+    vl = engine.generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)
+    assert responses(hf) == responses(vl)
+    assert responses(before) != responses(vl)  # the adapters changed what the engine samples
+    torch.testing.assert_close(vl.old_logprobs[vl.response_mask], hf.old_logprobs[hf.response_mask], atol=1e-3, rtol=0)
+
+
 def test_cli_with_vllm_rollouts_and_teacher(tmp_path, models_dir):
     # Each evaluation (the teacher's, the student's before and after) is one call of 64 problems x 4 samples
     # (conf/train.yaml's eval.k and eval.batch_size): ~15k prompt tokens of the demo task, past the engine's

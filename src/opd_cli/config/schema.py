@@ -14,10 +14,25 @@ from hydra.core.config_store import ConfigStore
 
 
 @dataclass
+class LoraConfig:
+    """``model.lora``: low-rank adapters (peft) instead of training every weight (when ``enabled``)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    merge_on_save: bool = False
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "demo:student"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -102,6 +117,7 @@ class TrainerConfig:
     device: str = "auto"
     cpu_linear: str = "auto"
     precision: str = "auto"
+    gradient_checkpointing: bool = False
     nproc_per_node: int = 1
     nnodes: int = 1
     node_rank: int = 0

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
-from opd_cli.config.schema import TrainConfig
+from opd_cli.config.schema import LoraConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
 from opd_cli.models.preflight import check_hub_reachable, offline, preflight
@@ -226,6 +226,36 @@ def check_logger(logger: Any, env: Mapping[str, str]) -> None:
         )
 
 
+def check_lora(cfg: Any) -> None:
+    """``model.lora``: its values, and the engines a LoRA student trains and samples under."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        defaults = dataclasses.asdict(LoraConfig())
+        if changed := [k for k, v in defaults.items() if k != "enabled" and _get(lora, k) != v]:
+            raise UserError(
+                f"model.lora.enabled: model.lora.{changed[0]} is set but LoRA is off; add model.lora.enabled=true"
+            )
+        return
+    if lora.r < 1:
+        raise UserError(f"model.lora.r: must be an integer >= 1, got {lora.r}")
+    if not 0 < lora.alpha < math.inf:
+        raise UserError(f"model.lora.alpha: must be a finite number > 0, got {lora.alpha}")
+    if not 0 <= lora.dropout < 1:
+        raise UserError(f"model.lora.dropout: must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules or not all(lora.target_modules):
+        raise UserError(
+            f"model.lora.target_modules: give the names of the linear layers that get adapters, e.g. [q_proj,v_proj]; "
+            f"got {list(lora.target_modules)}"
+        )
+    if "lm_head" in lora.target_modules:
+        raise UserError("model.lora.target_modules: lm_head cannot get an adapter (the objectives read its weight)")
+    stage = cfg.trainer.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.trainer.deepspeed else 0
+    if cfg.trainer.engine == "deepspeed" and stage == 3:
+        raise UserError(
+            "model.lora.enabled: LoRA does not train under DeepSpeed ZeRO stage 3; use trainer=zero1 or trainer=zero2"
+        )
+
+
 def check_question_regex(pattern: str | None) -> None:
     """``task.question_regex`` must compile and name a group ``question``."""
     if pattern is None:
@@ -293,6 +323,7 @@ def validate(cfg: Any) -> None:
     check_devices(cfg)
     check_teacher_supplies(make_objective(cfg.loss), backend_supplies(cfg.teacher), cfg.teacher.backend)
     check_precision(cfg)
+    check_lora(cfg)
     if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
         raise UserError("teacher.url: a teacher server needs teacher.backend=vllm")
     if cfg.teacher.url is not None and not cfg.teacher.url.startswith(("http://", "https://")):
@@ -378,6 +409,10 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
             raise UserError(f"{key}: opd-eval samples with the eval.* keys; {instead}")
     if not cfg.tasks:
         raise UserError("tasks: give at least one benchmark, e.g. tasks=[aime24,math500]")
+    if cfg.model.lora.enabled:
+        raise UserError(
+            "model.lora.enabled: opd-eval evaluates a model as saved (a LoRA checkpoint's model/ directory loads as is)"
+        )
     allowed = {**choices(), "device": DEVICES}
     for key in ("rollout.engine", "model.dtype", "device"):
         if _get(cfg, key) not in allowed[key]:

@@ -242,7 +242,7 @@ def decoder_disagreement(model, lean: bool) -> str | None:
     forward of the whole left-padded sequences with ``attention_mask``.
     """
     if lean and not LeanDecoder.fits(model):
-        return "not of the Llama family (decoding.LEAN_TYPES)"
+        return "not of the Llama family (decoding.LEAN_TYPES) with plain linear layers"
     ids, attn = left_padded(model, [5, 2, 7], seed=4)
     tokens = token_ids(model, (ids.shape[0], STEPS), seed=5)
     pos = position_ids(attn)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import AttentionInterface
 
 from opd_cli.cpu_linear import linear
@@ -180,8 +181,12 @@ class LeanDecoder(BufferedDecoder):
 
     @staticmethod
     def fits(model) -> bool:
+        """A Llama-family model whose projections are plain linear layers: the step reads their weights
+        directly, so a layer that adds to its weight's product (a LoRA adapter) needs the model's own forward."""
         c = model.config
-        return c.model_type in LEAN_TYPES and c.hidden_act == "silu" and not getattr(c, "mlp_bias", False)
+        if c.model_type not in LEAN_TYPES or c.hidden_act != "silu" or getattr(c, "mlp_bias", False):
+            return False
+        return all(isinstance(m, nn.Linear) for layer in model.model.layers for m in LeanLayer.projections(layer))
 
 
 class LeanLayer(NamedTuple):
@@ -199,6 +204,11 @@ class LeanLayer(NamedTuple):
     up: torch.Tensor
     down: torch.Tensor
     head_dim: int
+
+    @staticmethod
+    def projections(layer) -> tuple:
+        a, mlp = layer.self_attn, layer.mlp
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj
 
     @staticmethod
     def of(layer) -> LeanLayer:

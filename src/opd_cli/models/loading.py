@@ -9,6 +9,7 @@ import torch
 from opd_cli.cpu_linear import use_onednn
 from opd_cli.errors import UserError
 from opd_cli.models.demo import ensure_demo_model
+from opd_cli.models.student import adapter_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,11 +46,22 @@ def load_tokenizer(path: str, key: str, trust_remote_code: bool = False):
 def load_model(
     path: str, key: str, dtype: str, device: torch.device, trust_remote_code: bool = False, cpu_linear: str = "auto"
 ):
-    """The model on ``device``, its linear layers on oneDNN where ``cpu_linear`` says so (see cpu_linear.py)."""
+    """The model on ``device``, its linear layers on oneDNN where ``cpu_linear`` says so (see cpu_linear.py).
+
+    A directory holding a LoRA adapter without merged weights (a checkpoint's ``model/`` saved with
+    ``model.lora.merge_on_save=false``) is loaded as its base model with the adapter merged in.
+    """
     from transformers import AutoModelForCausalLM
 
+    base = adapter_base(Path(path)) if looks_local(path) else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            base or path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+        if base is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False).merge_and_unload()
     except (OSError, ValueError) as e:
         raise _load_error(key, path, e) from None
     return use_onednn(model.to(device), cpu_linear)
@@ -73,7 +85,13 @@ def check_same_vocabulary(student_tok, teacher_tok, s_rows: int | None, t_rows: 
 
 
 def lm_head_weight(model) -> torch.Tensor:
-    """The [V, d] output embedding; logits = hidden @ W.T (no bias, no soft-capping)."""
+    """The [V, d] output embedding; logits = hidden @ W.T (no bias, no soft-capping).
+
+    A peft wrapper (``PeftModel``) is looked through to the transformers model it wraps; the
+    head itself never holds an adapter (``models.student.add_lora``).
+    """
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return model.get_output_embeddings().weight
 
 

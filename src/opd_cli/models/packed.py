@@ -146,7 +146,7 @@ def padded_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tenso
     """``response_hidden`` the plain way: one forward over the padded ``[B, L]`` batch."""
     device = model.device
     ids, attn, pos = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.position_ids))
-    out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    out = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     P = batch.prompt_len
     target_mask = batch.response_mask[:, P:].to(device)
     return out[:, P - 1 : -1][target_mask], ids[:, P:][target_mask]
@@ -163,7 +163,11 @@ def response_hidden(model, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Ten
         return padded_hidden(model, batch)
     p = pack(batch, model.device)
     with attention_implementation(model, NAME):
-        out = model.base_model(input_ids=p.input_ids, position_ids=p.position_ids, opd_packing=p).last_hidden_state
+        # no KV cache: it would hold every layer's keys and values to the end of the forward (and under
+        # activation checkpointing, keep what the recomputation is there to free)
+        out = model.base_model(
+            input_ids=p.input_ids, position_ids=p.position_ids, opd_packing=p, use_cache=False
+        ).last_hidden_state
     if not every_layer_ran(
         model, p.calls, "_opd_packing_fails", "ran packed attention; scoring this model with padding"
     ):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts
+from opd_cli.models.student import export_state_dict
 from opd_cli.models.vllm import EngineMemory, _push
 
 
@@ -66,11 +67,12 @@ class VLLMRollout(TokenizerDecoding):
         return build_batch(ids, attn, response, logps, self.tokenizer.eos_token_id, n)
 
     def sync(self, model, sharded: bool = False) -> None:
-        """Load the student's current weights into the engine (gathered from ZeRO-3 shards first)."""
+        """Load the student's current weights into the engine (gathered from ZeRO-3 shards first; a LoRA
+        student's adapters merged into copies of their weights, ``export_state_dict``)."""
 
         import deepspeed
 
         params = list(model.parameters()) if sharded else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=sharded):
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state = export_state_dict(model)
         self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))

@@ -14,6 +14,7 @@ from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
 from opd_cli.models.checks import check_model
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
+from opd_cli.models.student import ADAPTER_DIR, add_lora, enable_checkpointing
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.divergence import degenerate
 from opd_cli.objectives.masks import mask_token_ids
@@ -30,10 +31,14 @@ log = logging.getLogger(__name__)
 
 
 def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
-    """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait."""
+    """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait.
+
+    A resumed student comes from the checkpoint, except under LoRA: then from its base (the
+    adapter is loaded onto it, ``build``)."""
+    resumed = ckpt is not None and not cfg.model.lora.enabled
     for turn in (True, False):
         if rank.main == turn:
-            s_path = str(ckpt / "model") if ckpt else resolve_path(cfg.model.name_or_path, cfg)
+            s_path = str(ckpt / "model") if resumed else resolve_path(cfg.model.name_or_path, cfg)
             t_path = resolve_path(cfg.teacher.name_or_path, cfg)
         barrier()
     return s_path, t_path
@@ -68,6 +73,10 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     student = load_model(
         s_path, "model.name_or_path", PARAM_DTYPE[precision], device, cfg.model.trust_remote_code, cpu_linear
     )
+    if cfg.model.lora.enabled:  # a resume's adapter from its checkpoint
+        student = add_lora(student, cfg.model.lora, ckpt / ADAPTER_DIR if ckpt else None)
+    if cfg.trainer.gradient_checkpointing:
+        enable_checkpointing(student)
     # logits must be hidden @ W.T; the packed pass and our decoders only where they equal the model's forward
     check_model(student, "model.name_or_path", sampling=cfg.rollout.engine == "hf")
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
@@ -94,6 +103,8 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         ranks=cfg.trainer.engine == "deepspeed", entropy=cfg.loss.entropy_top_ratio is not None,
     )  # fmt: skip
     rollout = make_rollout(cfg.rollout, spec)
+    if ckpt is not None and cfg.model.lora.enabled:
+        rollout.sync(trainer.model, trainer.sharded)  # a vLLM engine loaded the base: give it the adapted weights
     return Parts(
         s_tok,
         train_prompts,

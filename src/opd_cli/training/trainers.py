@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from opd_cli.dist import Rank, barrier
 from opd_cli.models.loading import lm_head_weight
 from opd_cli.models.packed import response_hidden
+from opd_cli.models.student import save_student
 from opd_cli.objectives.student_pass import student_loss_and_metrics
 from opd_cli.training.checkpoint import STATE_FILE, checkpoint_dirs, commit, load_rng, load_state, save_rng
 
@@ -129,7 +130,8 @@ class TorchTrainer:
         self.net = StudentLoss(model)
         self.max_grad_norm = tcfg.max_grad_norm
         self.masters = MasterWeights(model) if precision == "bf16-mixed" else None
-        self.params = self.masters.masters if self.masters else list(model.parameters())
+        # only what trains: under LoRA the adapters (the base weights are frozen)
+        self.params = self.masters.masters if self.masters else [p for p in model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = optimizer_and_schedule(self.params, tcfg, fused=True)
 
     def loss(self, *args):
@@ -158,8 +160,7 @@ class TorchTrainer:
 
     def save(self, run_dir: Path, step: int, tokenizer, state: dict) -> Path:
         tmp, final = _fresh_tmp(run_dir, step, Rank())
-        self.model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
+        save_student(self.model, tmp, tokenizer)
         save_rng(tmp, 0)
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
         if self.masters:
@@ -204,7 +205,8 @@ class DeepSpeedTrainer:
         )
         self.stage = ds.get("zero_optimization", {}).get("stage", 0)
         net = StudentLoss(model)
-        optimizer, self.scheduler = optimizer_and_schedule(net.parameters(), tcfg)
+        trained = [p for p in net.parameters() if p.requires_grad]  # under LoRA the adapters only
+        optimizer, self.scheduler = optimizer_and_schedule(trained, tcfg)
         self.engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds)
         self.model = self.engine.module.model
         self.sharded = self.stage == 3
@@ -228,23 +230,23 @@ class DeepSpeedTrainer:
         self.scheduler.step()
         return lr
 
-    def _export(self, directory: Path) -> None:
-        """The student in HF format on rank 0, gathered from the ZeRO-3 shards if need be."""
+    def _export(self, directory: Path, tokenizer) -> None:
+        """The student in HF format (``save_student``) on rank 0, gathered from the ZeRO-3 shards if need be."""
 
         import deepspeed
 
         params = list(self.model.parameters()) if self.stage == 3 else []
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.stage == 3):
             if self.rank.main:
-                self.model.save_pretrained(directory, safe_serialization=True)
+                save_student(self.model, directory, tokenizer)
 
     def save(self, run_dir: Path, step: int, tokenizer, state: dict) -> Path:
         tmp, final = _fresh_tmp(run_dir, step, self.rank)
-        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        # frozen weights (the base under LoRA) are the model's own files, not training state
+        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=True)
         save_rng(tmp, self.rank.rank)
-        self._export(tmp / "model")
+        self._export(tmp, tokenizer)
         if self.rank.main:
-            tokenizer.save_pretrained(tmp / "model")
             torch.save({**state, "scheduler": self.scheduler.state_dict(), "step": step}, tmp / STATE_FILE)
         barrier()
         if self.rank.main:
@@ -253,7 +255,10 @@ class DeepSpeedTrainer:
         return final
 
     def load(self, ckpt: Path) -> dict:
-        self.engine.load_checkpoint(str(ckpt), tag="deepspeed", load_lr_scheduler_states=False)
+        frozen = any(not p.requires_grad for p in self.model.parameters())  # saved without them (LoRA)
+        self.engine.load_checkpoint(
+            str(ckpt), tag="deepspeed", load_lr_scheduler_states=False, load_module_strict=not frozen
+        )
         state = load_state(ckpt)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         load_rng(ckpt, self.rank.rank)
