@@ -135,3 +135,11 @@ def test_a_plus_key_outside_a_free_form_map_is_a_typo(override, message):
 @pytest.mark.parametrize("override", ["+task.chat_template_kwargs.enable_thinking=false", "+trainer.deepspeed.x=1"])
 def test_a_plus_key_in_a_free_form_map_is_accepted(override):
     check_added_keys(compose_cfg([override]), [override])
+
+
+def test_a_run_saved_before_a_key_existed_resumes(tmp_path):
+    """Keys added to the schema after a run was saved are at their defaults: not a change of the run."""
+    cfg = OmegaConf.to_container(compose_cfg(["loss.k=4"]))
+    del cfg["trainer"]["gradient_checkpointing"], cfg["model"]["lora"]
+    OmegaConf.save(OmegaConf.create(cfg), tmp_path / RUN_CONFIG)
+    check_same_run(saved_config(tmp_path), compose_cfg(["loss.k=4", "trainer.resume=true"]), tmp_path)

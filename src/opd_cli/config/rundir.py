@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from opd_cli.config.schema import TrainConfig
 from opd_cli.errors import UserError
 
 RUN_CONFIG = "run_config.yaml"
@@ -36,6 +37,7 @@ RESUMABLE = (
     "trainer.micro_batch_size",
     "trainer.device",
     "trainer.cpu_linear",
+    "trainer.gradient_checkpointing",
     "teacher.micro_batch_size",
     "teacher.url",
     "teacher.gpu_memory_utilization",
@@ -90,6 +92,15 @@ def check_writable(directory: Path, key: str) -> None:
         raise UserError(f"{key}: cannot write to {existing} (read-only or no permission)")
 
 
+def with_defaults(saved: DictConfig) -> DictConfig:
+    """A saved config with the keys added to the schema since it was written, at their defaults (a key the
+    run never had cannot have changed it); as saved where it does not fit the schema."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    except Exception:  # noqa: BLE001 - a config of another version: compared as it is
+        return saved
+
+
 def saved_config(run_dir: Path) -> DictConfig | None:
     """The config a run in ``run_dir`` trained with: ``run_config.yaml`` (or Hydra's record, for older runs)."""
     for path in (Path(run_dir) / RUN_CONFIG, Path(run_dir) / ".hydra" / "config.yaml"):
@@ -100,7 +111,7 @@ def saved_config(run_dir: Path) -> DictConfig | None:
                 raise UserError(f"{path}: cannot read the run's saved config ({type(e).__name__})") from None
             if not isinstance(saved, DictConfig) or "trainer" not in saved or "loss" not in saved:
                 raise UserError(f"{path}: not a config opd-train wrote (no trainer or loss section)")
-            return saved
+            return with_defaults(saved)
     return None
 
 
