@@ -34,6 +34,8 @@ from types import SimpleNamespace
 
 import torch
 
+from rss import reset_peak, status_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "full": (False, False),
@@ -41,18 +43,6 @@ SETTINGS = {
     "lora": (True, False),
     "lora + checkpointing": (True, True),
 }
-
-
-def status_bytes(field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process."""
-    with open("/proc/self/status") as f:
-        line = next(ln for ln in f if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: reset the peak resident set size (VmHWM) to the current one
 
 
 def student_and_batch(args):
