@@ -49,6 +49,9 @@ PLAN = {
     "make bench": ("covered", "tests/scripts/test_bench.py::test_bench_times_opd_cli_and_trl_steps_and_writes_the_tables"),
     'make bench ARGS="--steps 20 --losses topk_lsm"': ("covered", "tests/scripts/test_bench.py"),
     "opd-train trainer=zero3 trainer.nproc_per_node=8": ("gpu", "8 GPUs"),
+    "opd-train model.lora.enabled=true": ("run", "lora"),
+    "opd-train model=qwen2.5-7b-instruct model.lora.enabled=true model.lora.r=64 model.lora.merge_on_save=true "
+    "trainer.gradient_checkpointing=true trainer=zero2 trainer.nproc_per_node=8": ("gpu", "8 GPUs and the hub model"),
     "opd-train trainer=zero2 trainer.nproc_per_node=2": ("covered", "tests/training/test_distributed.py::test_two_ranks_complete"),
     "opd-train hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8 hydra.launcher.timeout_min=1440 "
     "trainer=zero3 trainer.nnodes=4 trainer.nproc_per_node=8 experiment=paper_a_lsm": ("gpu", "a SLURM cluster of 4 x 8 GPUs"),
