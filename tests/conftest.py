@@ -181,6 +181,18 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+RESUMED_KEYS = ("loss", "grad_norm", "entropy", "logprob_gap", "response_length")
+
+
+def assert_resume_matches(full, part, keys=RESUMED_KEYS):
+    """A run stopped at step 2 and resumed to step 4 (``part``) logged what the uninterrupted run (``full``) did."""
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a[3:], b[3:], strict=True):
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+
+
 def compose_cfg(overrides=()):
     """The config ``opd-train`` would run with these overrides (Hydra's compose API)."""
     register_configs()

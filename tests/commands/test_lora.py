@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from opd_cli.config.validate import validate
 from opd_cli.errors import UserError
 
-from ..conftest import CLI_ENV, REPO, compose_cfg, metrics, opd_train
+from ..conftest import CLI_ENV, REPO, assert_resume_matches, compose_cfg, metrics, opd_train
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "trainer.lr=1e-2", "logger=none"]
 
@@ -124,11 +124,7 @@ def test_lora_resume_matches_uninterrupted_run(tmp_path, models_dir):
     opd_train(part, models_dir, "trainer.max_steps=2", *common)
     assert (part / "checkpoints/step_000002/model/adapter_config.json").is_file()
     opd_train(part, models_dir, "trainer.max_steps=4", "trainer.resume=true", *common)
-    a, b = metrics(full), metrics(part)
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
-    for ra, rb in zip(a[3:], b[3:], strict=True):
-        for key in ("loss", "grad_norm", "entropy", "logprob_gap", "response_length"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    assert_resume_matches(full, part)
     same = load_file(full / "checkpoints/step_000004/adapter/adapter_model.safetensors")
     resumed = load_file(part / "checkpoints/step_000004/adapter/adapter_model.safetensors")
     assert same.keys() == resumed.keys()

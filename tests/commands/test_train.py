@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from opd_cli.training.loop import train
 
-from ..conftest import REPO, SHORT, TINY_DEMO, compose_cfg, metrics, opd_train
+from ..conftest import REPO, SHORT, TINY_DEMO, assert_resume_matches, compose_cfg, metrics, opd_train
 from ..models.tiny import save_model
 
 STEP_KEYS = {
@@ -100,11 +100,7 @@ def test_resume_matches_uninterrupted_run(precision, tmp_path, models_dir):
     opd_train(full, models_dir, "trainer.max_steps=4", *common)
     opd_train(part, models_dir, "trainer.max_steps=2", *common)
     opd_train(part, models_dir, "trainer.max_steps=4", "trainer.resume=true", *common)
-    a, b = metrics(full), metrics(part)
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
-    for ra, rb in zip(a[3:], b[3:], strict=True):
-        for key in ("loss", "grad_norm", "entropy", "logprob_gap", "response_length"):
-            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
+    assert_resume_matches(full, part)
 
 
 @pytest.mark.integration
