@@ -67,10 +67,11 @@ class VLLMRollout(TokenizerDecoding):
 
     def sync(self, model, sharded: bool = False) -> None:
         """Load the student's current weights into the engine (gathered from ZeRO-3 shards first)."""
+        if sharded:
+            import deepspeed  # only here: a plain-torch run never imports DeepSpeed
 
-        import deepspeed
-
-        params = list(model.parameters()) if sharded else []
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=sharded):
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))

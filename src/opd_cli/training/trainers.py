@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from opd_cli.dist import Rank, barrier
+from opd_cli.dist import Rank, barrier, save_pretrained
 from opd_cli.models.loading import lm_head_weight
 from opd_cli.models.packed import response_hidden
 from opd_cli.objectives.student_pass import student_loss_and_metrics
@@ -158,7 +158,7 @@ class TorchTrainer:
 
     def save(self, run_dir: Path, step: int, tokenizer, state: dict) -> Path:
         tmp, final = _fresh_tmp(run_dir, step, Rank())
-        self.model.save_pretrained(tmp / "model", safe_serialization=True)
+        save_pretrained(self.model, tmp / "model")  # no DeepSpeed import on the plain-torch path
         tokenizer.save_pretrained(tmp / "model")
         save_rng(tmp, 0)
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
