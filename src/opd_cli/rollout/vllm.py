@@ -49,6 +49,7 @@ class VLLMRollout(TokenizerDecoding):
                         top_p=top_p,
                         max_tokens=max_new_tokens,
                         logprobs=0,  # the sampled token's raw log-prob
+                        detokenize=False,  # we decode the ids ourselves (decode_responses)
                         seed=seed * 1_000_003 + i * n + j,
                     )
                 )
