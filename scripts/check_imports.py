@@ -20,6 +20,7 @@ LAYERS = [
     "batch",
     "contracts",
     "dist",
+    "progress",
     "cpu_linear",
     "config.schema",
     "tasks",

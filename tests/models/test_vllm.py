@@ -4,11 +4,12 @@ Integration tier: each engine takes seconds to start.
 """
 
 import copy
+import logging
 
 import pytest
 import torch
 
-from opd_cli.models.vllm import make_llm
+from opd_cli.models.vllm import HARMLESS_VLLM_MESSAGES, DropMessages, make_llm
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.rollout.vllm import VLLMRollout
 from opd_cli.teacher.hf import HFTeacher
@@ -87,7 +88,19 @@ def test_seeded_sampling_past_one_step_token_budget_is_reproducible(llm, tiny_to
     assert responses(engine.generate([prompt], 4, seed=11, **args)) == first[:4]
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
+    """After a push, vLLM reports one layer "failed to load": the rotary embedding, which has no weights
+    (only a cos/sin cache from the config, which it keeps). Every weight loaded (vLLM names those it
+    did not), greedy decoding equals HF's, and ``quiet_vllm_logs`` drops that message, no other."""
     from transformers import AutoModelForCausalLM
 
     engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer)
@@ -95,7 +108,35 @@ def test_greedy_after_weight_push_matches_hf(saved_model, tiny_tokenizer):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
-    engine.sync(model)
+    reload_logs = [
+        logging.getLogger(f"vllm.model_executor.model_loader.{m}") for m in ("reload.layerwise", "reload.inplace")
+    ]
+    records = Records()
+    for logger in reload_logs:
+        logger.addHandler(records)
+    layerwise = reload_logs[0]
+    ours = [f for f in layerwise.filters if isinstance(f, DropMessages)]
+    assert ours  # make_llm quieted it
+    try:
+        for f in ours:
+            layerwise.removeFilter(f)
+        engine.sync(model)  # what vLLM says unfiltered
+        unfiltered = [m for m in records.messages if "load" in m]
+        for f in ours:
+            layerwise.addFilter(f)
+        records.messages.clear()
+        engine.sync(model)
+    finally:
+        for logger in reload_logs:
+            logger.removeHandler(records)
+    assert [m for m in unfiltered if "not loaded" in m or "Failed" in m] == ["RotaryEmbedding: Failed to load weights"]
+    assert not [m for m in records.messages if "Failed" in m or "not loaded" in m]
+    assert not DropMessages(HARMLESS_VLLM_MESSAGES[layerwise.name]).filter(
+        logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("RotaryEmbedding",)})
+    )
+    assert DropMessages(HARMLESS_VLLM_MESSAGES[layerwise.name]).filter(
+        logging.makeLogRecord({"msg": "%s: Failed to load weights", "args": ("QKVParallelLinear",)})
+    )
     hf = HFRollout(model, tiny_tokenizer).generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)  # top-p ~0: greedy
     vl = engine.generate(PROMPTS, 1, 1.0, 1e-6, 16, seed=0)
     for row in range(len(PROMPTS)):

@@ -44,3 +44,31 @@ def test_bench_times_opd_cli_and_trl_steps_and_writes_the_tables(tmp_path, model
     assert [r["path"] for r in report["objectives"]] == ["gathered", "dense"]
     md = (out / "bench.md").read_text()
     assert "| engine | tokens/s |" in md and "topk_lsm objective" in md
+
+
+@pytest.mark.integration
+def test_bench_engines_times_each_phase_per_engine(tmp_path, models_dir):
+    out = tmp_path / "engines"
+    cmd = [
+        sys.executable,
+        "scripts/bench_engines.py",
+        "--steps=1",
+        "--warmup=0",
+        "--threads=1",
+        "--combos=hf/hf,vllm/vllm",
+        f"--out={out}",
+        "--",
+        f"paths.models={models_dir}",
+        *TINY_DEMO,
+        "trainer.prompts_per_step=2",
+        "rollout.n=2",
+        "rollout.max_new_tokens=8",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench_engines.json").read_text())
+    assert [(r["rollout"], r["teacher"]) for r in report["results"]] == [("hf", "hf"), ("vllm", "vllm")]
+    for r in report["results"]:
+        assert r["step_s"] > 0 and r["phase_s"]["rollout"] > 0 and r["phase_s"]["teacher"] > 0, r
+    assert "OMP_NUM_THREADS=1" in report["machine"]
+    assert "| rollout | teacher.backend |" in (out / "bench_engines.md").read_text()

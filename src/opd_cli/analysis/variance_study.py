@@ -33,6 +33,7 @@ from torch import nn
 from opd_cli.analysis.plots import draw_band
 from opd_cli.objectives.advantages import discounted_returns
 from opd_cli.objectives.math import ppo_token_loss
+from opd_cli.progress import Progress
 
 STARTS = (2.0, -2.0)
 
@@ -150,10 +151,16 @@ def run_study(cfg, out_dir: Path) -> dict:
     """Every gamma x seed; writes variance.json, plots and report.md into ``out_dir``."""
     torch.set_num_threads(1)  # tiny networks: threads cost more than they give
     results: dict = {str(g): {} for g in cfg.gammas}
-    for seed in cfg.seeds:
-        teachers = [train_teacher(task, cfg, seed) for task in (0, 1)]
-        for gamma in cfg.gammas:
-            results[str(gamma)][str(seed)] = distill(teachers, float(gamma), cfg, seed)
+    per_seed = 2 * cfg.teacher_iterations + len(cfg.gammas) * cfg.iterations
+    with Progress(len(cfg.seeds) * per_seed, "opd-study variance", unit="iterations") as bar:
+        for seed in cfg.seeds:
+            teachers = []
+            for task in (0, 1):
+                teachers.append(train_teacher(task, cfg, seed))
+                bar.update(cfg.teacher_iterations, seed=seed, done=f"teacher {task}")
+            for gamma in cfg.gammas:
+                results[str(gamma)][str(seed)] = distill(teachers, float(gamma), cfg, seed)
+                bar.update(cfg.iterations, seed=seed, done=f"gamma {gamma}")
     (out_dir / "variance.json").write_text(json.dumps(results) + "\n")
     plot(results, cfg, out_dir)
     report = write_report(results, cfg, out_dir)

@@ -61,7 +61,7 @@ def run(cfg, out_dir: Path) -> dict:
     results, generations = {}, []
     for name, (tcfg, problems, prompts) in benchmarks.items():
         recording = Recording(sampler)
-        correct = sample_correctness(recording, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed)
+        correct = sample_correctness(recording, problems, prompts, make_checker(tcfg), cfg.eval, cfg.seed, name)
         generations += generation_rows(name, problems, prompts, recording, correct)
         row = {"n_problems": len(problems), "k": cfg.eval.k, f"avg@{cfg.eval.k}": avg_at_k(correct)}
         row.update({f"pass@{k}": mean_pass_at_k(correct, k) for k in cfg.pass_k})

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from opd_cli.dist import save_pretrained
 from opd_cli.models.sft import sft
 from opd_cli.tasks.problems import arith_problems, arith_solution
 
@@ -171,7 +172,7 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
             seed=demo_cfg.seed,
             desc=f"demo {role} (SFT)",
         )
-        model.save_pretrained(tmp)
+        save_pretrained(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     _atomic_build(target, build)

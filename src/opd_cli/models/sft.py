@@ -11,7 +11,8 @@ import random
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
+
+from opd_cli.progress import Progress
 
 
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
@@ -55,25 +56,25 @@ def sft(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     model.train()
     losses = []
-    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
-    for _ in bar:
-        batch = rng.sample(data, min(batch_size, len(data)))
-        width = max(len(ids) for ids, _ in batch)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, n_prompt) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-            attn[i, : len(ids)] = 1
-        loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with Progress(steps, desc, unit="steps") as bar:  # a bar on a terminal, a line every 30 s in a log
+        for _ in range(steps):
+            batch = rng.sample(data, min(batch_size, len(data)))
+            width = max(len(ids) for ids, _ in batch)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            attn = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, n_prompt) in enumerate(batch):
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+                attn[i, : len(ids)] = 1
+            loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(loss=f"{loss.item():.3f}")
     model.eval()
     return losses

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from opd_cli.dist import save_pretrained
 from opd_cli.errors import UserError
 from opd_cli.models.attention import attention_implementation
 
@@ -162,14 +163,14 @@ def save_student(model, directory: Path, tokenizer) -> None:
     lora = lora_of(model)
     out = directory / "model"
     if lora is None:
-        model.save_pretrained(out, safe_serialization=True)
+        save_pretrained(model, out)  # no DeepSpeed import on the plain-torch path
     else:
         lora.peft.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
         if lora.merge_on_save:
             state = export_state_dict(model, "cpu")
             for key in tied_copies(model):  # as save_pretrained leaves them out (tied embeddings)
                 state.pop(key, None)
-            model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            save_pretrained(model, out, state_dict=state)
         else:
             shutil.copytree(directory / ADAPTER_DIR, out)
             model.config.save_pretrained(out)  # the base's config: the checkpoint says what model it is

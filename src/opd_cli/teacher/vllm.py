@@ -59,7 +59,9 @@ class VLLMTeacher:
 
         prompts = [TokensPrompt(prompt_token_ids=row) for row in unpadded_rows(batch)]
         self.memory.wake()
-        outs = self.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+        # ids and log-probs only: detokenizing each of the K + 1 entries at every position took most of the time
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         self.memory.release()
         rows = [
             [None] + [{t: (lp.logprob, lp.rank) for t, lp in d.items()} for d in o.prompt_logprobs[1:]] for o in outs

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from opd_cli.batch import chunk_bounds
+from opd_cli.progress import Progress
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.problems import Problem, load_problems, task_config
 from opd_cli.tasks.prompts import format_prompt
@@ -23,26 +24,34 @@ class Benchmark(NamedTuple):
 
 @torch.no_grad()
 def sample_correctness(
-    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int
+    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, desc: str = "eval"
 ) -> list[list[bool]]:
-    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``."""
+    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``.
+
+    Rank 0 shows its progress (``opd_cli.progress``, labelled ``desc``) after each call of
+    ``eval.batch_size`` samples, with the accuracy so far.
+    """
     out: list[list[bool]] = []
     per_call = max(1, ecfg.batch_size // ecfg.k)
-    for s, e in chunk_bounds(len(problems), per_call):
-        batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
-        texts = engine.decode_responses(batch)
-        for i in range(e - s):
-            out.append([checker(t, problems[s + i].answer) for t in texts[i * ecfg.k : (i + 1) * ecfg.k]])
+    with Progress(len(problems) * ecfg.k, desc, unit="samples") as bar:
+        for s, e in chunk_bounds(len(problems), per_call):
+            batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
+            texts = engine.decode_responses(batch)
+            for i in range(e - s):
+                out.append([checker(t, problems[s + i].answer) for t in texts[i * ecfg.k : (i + 1) * ecfg.k]])
+            bar.update((e - s) * ecfg.k, acc=f"{avg_at_k(out):.3f}")
     return out
 
 
-def evaluate(engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int) -> float:
+def evaluate(
+    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, desc: str = "eval"
+) -> float:
     """avg@k accuracy of a sampling engine: mean correctness over ``eval.k`` samples per problem.
 
     Every rank evaluates the same problems with the same seeds (so ZeRO-3 ranks run
     the same forward passes); rank 0 reports.
     """
-    return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed))
+    return avg_at_k(sample_correctness(engine, problems, prompts, checker, ecfg, seed, desc))
 
 
 def load_benchmarks(cfg, tokenizer) -> dict[str, Benchmark]:
