@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
+from opd_cli.models.footprint import GIB, device_memory, parameter_count, training_footprint
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
 from opd_cli.models.preflight import check_hub_reachable, offline, preflight
 from opd_cli.objectives.advantages import AGG_MODES
@@ -389,6 +390,41 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
     student, teacher = found.get("model.name_or_path"), found.get("teacher.name_or_path")
     if student and teacher:
         check_same_vocabulary(student.tokenizer, teacher.tokenizer, student.rows, teacher.rows)
+    if student and "trainer" in cfg:
+        check_memory(cfg, student.directory, teacher.directory if teacher else None)
+
+
+def check_memory(cfg: Any, student: Path, teacher: Path | None, capacity: tuple[int, str] | None = None) -> None:
+    """Refuse a run whose models' state alone (``models.footprint``) exceeds one process's memory.
+
+    ``student``/``teacher``: their model directories (no teacher: none in the process, or not
+    local). ``capacity``: bytes and a description (default: the device the run trains on).
+    """
+    t = cfg.trainer
+    world = t.nproc_per_node * t.nnodes
+    stage = t.deepspeed.get("zero_optimization", {}).get("stage", 0) if t.deepspeed else 0
+    params = parameter_count(student, cfg.model.trust_remote_code)
+    in_process = teacher is not None and cfg.teacher.backend == "hf" and cfg.teacher.url is None
+    teacher_params = parameter_count(teacher, cfg.teacher.trust_remote_code) if in_process else 0
+    precision = student_precision(cfg)
+    need = training_footprint(
+        params, precision, t.engine, stage, world, cfg.model.lora.enabled,
+        teacher_params, cfg.teacher.dtype, bool(cfg.teacher.shard),
+    )  # fmt: skip
+    if capacity is None:
+        cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+        capacity = device_memory("cuda" if cuda else "cpu", t.nproc_per_node)
+    if need.total > capacity[0]:
+        setup = f"{precision}, " + (
+            f"ZeRO stage {stage} over {world} processes" if t.engine == "deepspeed" else "one process"
+        )
+        teacher_part = f" and {need.teacher / GIB:.0f} GiB of teacher weights" if need.teacher else ""
+        raise UserError(
+            f"trainer.nproc_per_node: a {params / 1e9:.1f}B-parameter student ({setup}) needs at least "
+            f"{(need.total - need.teacher) / GIB:.0f} GiB per process for its weights, gradients and optimizer "
+            f"state{teacher_part}, more than the {capacity[0] / GIB:.0f} GiB of {capacity[1]}; shard it "
+            "(trainer=zero3 trainer.nproc_per_node=<GPUs>) or train adapters (model.lora.enabled=true)"
+        )
 
 
 # opd-eval samples with eval.*: these opd-train sampling keys have an eval.* counterpart
