@@ -44,8 +44,8 @@ study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, p
 bench: $(STAMP) ## benchmarks: objective microbenchmark, one OPD step of opd-cli beside TRL's (outputs/bench/bench.{json,md})
 	$(PY) scripts/bench.py $(ARGS)
 
-report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default)
-	$(VENV)/bin/opd-report $(REPORT_DIR)
+report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default), ARGS="smooth=0.6 band=std"
+	$(VENV)/bin/opd-report $(REPORT_DIR) $(ARGS)
 
 train-slurm: $(STAMP) ## one training job on SLURM: ARGS="trainer=zero3 trainer.nnodes=4 trainer.nproc_per_node=8 hydra.launcher.partition=gpu ..."
 	$(VENV)/bin/opd-train hydra/launcher=slurm $(ARGS)

@@ -35,9 +35,12 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def progress_line(desc: str, done: int, total: int, unit: str, elapsed: float, postfix: dict) -> str:
-    """``eval: 512/1024 samples (50%), 12.3 samples/s, 41s elapsed, ~41s left, acc=0.42``."""
-    rate = done / elapsed if elapsed > 0 else 0.0
+def progress_line(desc: str, done: int, total: int, unit: str, elapsed: float, postfix: dict, initial: int = 0) -> str:
+    """``eval: 512/1024 samples (50%), 12.3 samples/s, 41s elapsed, ~41s left, acc=0.42``.
+
+    ``initial``: units done before this process started (a resumed run); the rate leaves them out.
+    """
+    rate = (done - initial) / elapsed if elapsed > 0 else 0.0
     parts = [f"{desc}: {done}/{total} {unit} ({100 * done / max(1, total):.0f}%)", f"{rate:.3g} {unit}/s"]
     parts.append(f"{duration(elapsed)} elapsed")
     if 0 < done < total and rate > 0:
@@ -48,6 +51,8 @@ def progress_line(desc: str, done: int, total: int, unit: str, elapsed: float, p
 
 class Progress:
     """A phase of ``total`` units: ``update(n, **postfix)`` as they get done, ``close()`` (or ``with``) at the end.
+
+    ``initial``: units already done when it starts (a resumed run's steps).
 
     ``mode``: ``"bar"`` (tqdm), ``"lines"`` (a line per ``every_s`` seconds), ``"off"``;
     by default ``"off"`` off rank 0, else ``"bar"`` where ``file`` is a terminal, ``"lines"`` otherwise.
@@ -61,17 +66,20 @@ class Progress:
         mode: str | None = None,
         file: TextIO | None = None,
         every_s: float | None = None,
+        initial: int = 0,
     ) -> None:
         self.file = file if file is not None else sys.stderr
         if mode is None:
             mode = "off" if not this_rank().main else "bar" if _isatty(self.file) else "lines"
         self.total, self.desc, self.unit, self.mode = total, desc, unit, mode
         self.every_s = LOG_EVERY_S if every_s is None else every_s
-        self.done, self.postfix, self.closed = 0, {}, False
+        self.done, self.initial, self.postfix, self.closed = initial, initial, {}, False
         self.start = self.last_line = time.monotonic()
         self.bar = None
         if mode == "bar":
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.file, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, desc=desc, unit=unit, file=self.file, leave=False, dynamic_ncols=True, initial=initial
+            )
 
     def update(self, n: int = 1, **postfix) -> None:
         self.done += n
@@ -88,7 +96,7 @@ class Progress:
 
     def line(self, now: float | None = None) -> str:
         elapsed = (time.monotonic() if now is None else now) - self.start
-        return progress_line(self.desc, self.done, self.total, self.unit, elapsed, self.postfix)
+        return progress_line(self.desc, self.done, self.total, self.unit, elapsed, self.postfix, self.initial)
 
     def close(self) -> None:
         """End the phase: the bar goes, one log record says how much was done, in how long."""

@@ -38,7 +38,8 @@ PLAN = {
     "opd-eval model=qwen2.5-7b-instruct rollout=vllm tasks=[aime24,aime25,amc23,math500] eval.k=16 eval.temperature=0.7 "
     "eval.top_p=0.95 eval.max_new_tokens=16384 'pass_k=[1,16]'": ("refused", HUB_OFFLINE),
     "opd-eval model=qwen2.5-7b-instruct tasks=[aime24] task_paths.aime24=data/aime24.jsonl": ("refused", HUB_OFFLINE),
-    "make sweep-k && make report": ("covered", "tests/commands/test_report.py (make report) and the -m sweep above"),
+    "make sweep-k && make report": (
+        "covered", "tests/commands/test_report.py::test_report_of_a_real_sweep (make report) and the -m sweep above"),
     "opd-report outputs/sweeps/sweep-k smooth=0.6 'formats=[png,pdf,svg]'": ("run", "report"),
     "opd-report runs/base runs/new 'metrics=[loss,eval/acc]' band=std out=paper/fig3": ("run", "report"),
     "make study-variance": ("covered", "tests/commands/test_study.py::test_tiny_study_writes_every_output"),

@@ -45,8 +45,9 @@ def test_report_of_a_real_sweep(tmp_path, models_dir):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    report = [sys.executable, "-m", "opd_cli.commands.report", str(sweep), "smooth=0.5"]
-    out = subprocess.run(report, capture_output=True, text=True)
+    # as the README says: make report REPORT_DIR=... ARGS=... (-o: never reinstall the environment here)
+    report = ["make", "-o", ".venv/.installed", "report", f"REPORT_DIR={sweep}", "ARGS=smooth=0.5"]
+    out = subprocess.run(report, capture_output=True, text=True, cwd=REPO, env=CLI_ENV)
     assert out.returncode == 0, out.stderr
     text = (sweep / "report/report.md").read_text()
     assert "| loss.k=2 | 2 |" in text and "| loss.k=4 | 2 |" in text

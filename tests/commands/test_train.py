@@ -228,23 +228,26 @@ def test_two_steps_write_samples_of_training_and_evaluation(tmp_path, models_dir
     run = tmp_path / "samples"
     opd_train(run, models_dir, "trainer.max_steps=2", "logger.samples_every=1", "logger.samples_tokens=64")
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["phase"]) for r in rows] == [(0, "eval")] * 4 + [(1, "train")] * 4 + [(2, "train")] * 4 + [
-        (2, "eval")
-    ] * 4  # logger.samples_per_step: 4 (4 prompts x rollout.n=2 per step: one response of each prompt)
+    phases = [(0, "eval_teacher"), (0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
+    # logger.samples_per_step: 4 (4 prompts x rollout.n=2 per step: one response of each prompt)
+    assert [(r["step"], r["phase"]) for r in rows] == [p for p in phases for _ in range(4)]
     assert len({r["prompt"] for r in rows if r["step"] == 1}) == 4
     tokenizer = AutoTokenizer.from_pretrained(run / "checkpoints/step_000002/model")
     checker = make_checker(compose_cfg().task)
     for r in rows:
         assert tokenizer.decode(r["token_ids"], skip_special_tokens=True) == r["response"]
-        assert r["length"] == len(r["token_ids"]) == len(r["student_logprobs"]) <= 24
         assert r["correct"] == checker(r["response"], r["answer"])
-        assert r["student_logprob_mean"] == pytest.approx(sum(r["student_logprobs"]) / r["length"])
-        if r["phase"] == "train":  # the teacher scored the training rollouts
+        # the model that sampled has log-probs; the teacher also scored the training rollouts
+        sampler = "teacher" if r["phase"] == "eval_teacher" else "student"
+        other = {"teacher": "student", "student": "teacher"}[sampler]
+        assert r["length"] == len(r["token_ids"]) == len(r[f"{sampler}_logprobs"]) <= 24
+        assert r[f"{sampler}_logprob_mean"] == pytest.approx(sum(r[f"{sampler}_logprobs"]) / r["length"])
+        if r["phase"] == "train":
             assert r["teacher_logprob_mean"] == pytest.approx(sum(r["teacher_logprobs"]) / r["length"])
         else:
-            assert r["teacher_logprob_mean"] is None and r["teacher_logprobs"] is None
+            assert r[f"{other}_logprob_mean"] is None and r[f"{other}_logprobs"] is None
     tables = list((run / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json"))
-    assert len(tables) == 4  # one per logged step: 0, 1, 2 (train) and 2 (eval), each with its new rows
+    assert len(tables) == 5  # one per samples call: 0 (teacher), 0 (student), 1, 2 (train), 2 (eval)
 
 
 @pytest.mark.integration

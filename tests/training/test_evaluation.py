@@ -71,3 +71,12 @@ def test_progress_line():
     line = progress.progress_line("eval", 256, 1024, "samples", 64.0, {"acc": "0.420"})
     assert line == "eval: 256/1024 samples (25%), 4 samples/s, 1m04s elapsed, ~3m12s left, acc=0.420"
     assert progress.duration(7500) == "2h05m"
+
+
+def test_a_resumed_phase_counts_its_rate_from_where_it_started():
+    line = progress.progress_line("OPD", 300, 400, "steps", 50.0, {}, initial=200)
+    assert line == "OPD: 300/400 steps (75%), 2 steps/s, 50s elapsed, ~50s left"
+    log = io.StringIO()
+    bar = progress.Progress(400, "OPD", unit="steps", file=log, every_s=0.0, initial=200)
+    bar.update(1, loss="0.1")
+    assert log.getvalue().startswith("OPD: 201/400 steps (50%), ") and "\r" not in log.getvalue()

@@ -45,7 +45,7 @@ def test_training_samples_are_the_decoded_rollout(tmp_path, cfg, tiny_model, tin
     batch = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=12, seed=3)
     support = HFTeacher(perturbed_copy(tiny_model), micro_batch_size=4, chunk_tokens=64).score(batch, 4)
     logger = MetricsLogger(tmp_path, cfg.logger, {}, None)
-    samples = SampleLog(cfg.logger, logger, checker, lambda: answers, {})
+    samples = SampleLog(cfg.logger, logger, checker, lambda: answers)
     assert samples.due(10) and not samples.due(7)  # logger.samples_every: 10
     samples.train(10, prompts, batch, support, engine)
     logger.close()
@@ -84,13 +84,32 @@ def test_evaluation_samples_come_from_the_evaluation(tmp_path, cfg, tiny_model, 
     assert recording.prompts == prompts and len(recording.texts) == len(prompts) * cfg.eval.k
     logger = MetricsLogger(tmp_path, cfg.logger, {}, None)
     answers = {q: p.answer for q, p in zip(prompts, problems, strict=True)}
-    SampleLog(cfg.logger, logger, checker, dict, answers).eval(0, recording)
+    SampleLog(cfg.logger, logger, checker, dict).eval(0, recording, answers)
     logger.close()
     rows = read(tmp_path)
     k = cfg.eval.k
     assert [r["response"] for r in rows] == [recording.texts[i * k] for i in range(3)]
     assert all(r["phase"] == "eval" and r["step"] == 0 and r["teacher_logprob_mean"] is None for r in rows)
     assert [r["answer"] for r in rows] == [p.answer for p in problems[:3]]
+
+
+def test_the_teachers_evaluation_samples_carry_the_teachers_logprobs(tmp_path, cfg, tiny_model, tiny_tokenizer):
+    """At ``eval_teacher`` the teacher samples: its recorded log-probs are the teacher's, the student's are null."""
+    problems = arith_problems(0, "train", 64)[-2:]
+    prompts = [format_prompt(q, cfg.task, tiny_tokenizer) for q in problems]
+    checker = make_checker(cfg.task)
+    recording = Recording(HFRollout(perturbed_copy(tiny_model), tiny_tokenizer))
+    evaluate(recording, problems, prompts, checker, cfg.eval, 5)
+    logger = MetricsLogger(tmp_path, cfg.logger, {}, None)
+    answers = {q: p.answer for q, p in zip(prompts, problems, strict=True)}
+    SampleLog(cfg.logger, logger, checker, dict).eval(0, recording, answers, "eval_teacher", by_teacher=True)
+    logger.close()
+    rows = read(tmp_path)
+    _, batch, _ = recording.first
+    first = batch.old_logprobs[0][batch.response_mask[0]].double()
+    assert rows[0]["phase"] == "eval_teacher" and rows[0]["student_logprob_mean"] is None
+    assert rows[0]["teacher_logprob_mean"] == pytest.approx(first.mean().item())
+    assert rows[0]["teacher_logprobs"] == pytest.approx(first[:5].tolist()) and rows[0]["student_logprobs"] is None
 
 
 def test_resume_drops_the_samples_after_the_checkpoint(tmp_path, cfg):

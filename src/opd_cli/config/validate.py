@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
-from opd_cli.models.footprint import GIB, device_memory, parameter_count, training_footprint
+from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
 from opd_cli.models.preflight import check_hub_reachable, offline, preflight
 from opd_cli.objectives.advantages import AGG_MODES
@@ -391,21 +391,41 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
     if student and teacher:
         check_same_vocabulary(student.tokenizer, teacher.tokenizer, student.rows, teacher.rows)
     if student and "trainer" in cfg:
-        check_memory(cfg, student.directory, teacher.directory if teacher else None)
+        model = meta_model(student.directory, cfg.model.trust_remote_code)
+        if cfg.model.lora.enabled:
+            check_lora_targets(model, cfg.model.lora.target_modules)
+        check_memory(cfg, model, teacher.directory if teacher else None)
 
 
-def check_memory(cfg: Any, student: Path, teacher: Path | None, capacity: tuple[int, str] | None = None) -> None:
+def check_lora_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Every ``model.lora.target_modules`` name ends the name of one of ``model``'s linear layers (peft's
+    matching of a name: the whole name, or its end after a dot), so each target gets adapters."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    if missing := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+        last = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise UserError(
+            f"model.lora.target_modules: {', '.join(missing)} names no linear layer of the student; "
+            f"its linear layers are: {', '.join(last)}"
+        )
+
+
+def check_memory(
+    cfg: Any, student: torch.nn.Module, teacher: Path | None, capacity: tuple[int, str] | None = None
+) -> None:
     """Refuse a run whose models' state alone (``models.footprint``) exceeds one process's memory.
 
-    ``student``/``teacher``: their model directories (no teacher: none in the process, or not
-    local). ``capacity``: bytes and a description (default: the device the run trains on).
+    ``student``: the student on the meta device; ``teacher``: its model directory (None: no
+    teacher in the process, or not a local one). ``capacity``: bytes and a description (default:
+    the device the run trains on).
     """
     t = cfg.trainer
     world = t.nproc_per_node * t.nnodes
     stage = t.deepspeed.get("zero_optimization", {}).get("stage", 0) if t.deepspeed else 0
-    params = parameter_count(student, cfg.model.trust_remote_code)
+    params = parameter_count(student)
     in_process = teacher is not None and cfg.teacher.backend == "hf" and cfg.teacher.url is None
-    teacher_params = parameter_count(teacher, cfg.teacher.trust_remote_code) if in_process else 0
+    teacher_params = parameter_count(meta_model(teacher, cfg.teacher.trust_remote_code)) if in_process else 0
     precision = student_precision(cfg)
     need = training_footprint(
         params, precision, t.engine, stage, world, cfg.model.lora.enabled,

@@ -48,16 +48,18 @@ class Footprint:
         return self.weights + self.gradients + self.optimizer + self.teacher
 
 
-def parameter_count(directory: Path, trust_remote_code: bool = False) -> int:
-    """The number of distinct parameters of the causal LM whose ``config.json`` is in ``directory``.
-
-    The model is built on the meta device: no memory, no weights read (tied weights count once).
-    """
+def meta_model(directory: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The causal LM whose ``config.json`` is in ``directory``, built on the meta device: its modules and
+    shapes, no memory, no weights read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """The number of distinct parameters of ``model`` (tied weights count once)."""
     return sum(p.numel() for p in model.parameters())
 
 

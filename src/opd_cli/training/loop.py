@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.config.rundir import RUN_CONFIG, check_fresh, check_same_run, saved_config
@@ -30,6 +29,7 @@ from opd_cli.objectives.base import Objective
 from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
 from opd_cli.objectives.inputs import TokenInputs, token_inputs
 from opd_cli.objectives.registry import teacher_k
+from opd_cli.progress import Progress
 from opd_cli.tasks.problems import load_problems
 from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
@@ -42,6 +42,9 @@ from opd_cli.training.logger import MetricsLogger, NullLogger
 from opd_cli.training.samples import Recording, SampleLog
 
 log = logging.getLogger(__name__)
+
+# the progress labels of the evaluations (samples.jsonl phases); a benchmark's is its phase, eval/<name>
+EVAL_LABELS = {"eval": "eval student", "eval_teacher": "eval teacher"}
 
 
 def update(
@@ -264,14 +267,19 @@ def train(cfg, run_dir: Path) -> dict:
     seed = eval_seed(cfg.trainer.seed)
     samples = None
     if rank.main and cfg.logger.samples_every:
-        samples = SampleLog.of_run(cfg.logger, logger, p, train_problems, eval_problems, cfg.task)
+        samples = SampleLog.of_run(cfg.logger, logger, p, train_problems, cfg.task)
+
+    def evaluated(engine, problems, prompts, checker, step: int, phase: str, by_teacher: bool = False) -> float:
+        """avg@k of ``engine`` (progress labelled ``phase``); a few of its responses to samples.jsonl."""
+        engine = engine if samples is None else Recording(engine)
+        acc = evaluate(engine, problems, prompts, checker, cfg.eval, seed, desc=EVAL_LABELS.get(phase, phase))
+        if samples is not None:
+            answers = {q: e.answer for q, e in zip(prompts, problems, strict=True)}
+            samples.eval(step, engine, answers, phase, checker, by_teacher)
+        return acc
 
     def evaluate_student(step: int) -> float:
-        engine = p.rollout if samples is None else Recording(p.rollout)
-        acc = evaluate(engine, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
-        if samples is not None:
-            samples.eval(step, engine)  # a few of the evaluation's responses to samples.jsonl
-        return acc
+        return evaluated(p.rollout, eval_problems, p.eval_prompts, p.checker, step, "eval")
 
     def stop_here(step: int, saved: bool) -> None:
         """A stop request: save this step (unless just saved) and end with ``Stopped``."""
@@ -283,7 +291,9 @@ def train(cfg, run_dir: Path) -> dict:
     try:
         if "acc_teacher" not in state:
             log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluate(p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, cfg.eval, seed)
+            state["acc_teacher"] = evaluated(
+                p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, 0, "eval_teacher", by_teacher=True
+            )
             state["acc_before"] = evaluate_student(0)
             logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
             if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
@@ -291,22 +301,26 @@ def train(cfg, run_dir: Path) -> dict:
         log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
         acc = state.get("acc_last", state["acc_before"])
         steps = range(start + 1, cfg.trainer.max_steps + 1)
-        bar = tqdm(steps, desc="OPD", initial=start, total=cfg.trainer.max_steps, disable=not rank.main)
-        for step in bar:
-            prompts = shard(step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank)
-            metrics = opd_step(step, prompts, p, cfg, rank, samples)
-            last = step == cfg.trainer.max_steps
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student(step)
-                for name, b in p.benchmarks.items():
-                    metrics[f"eval/{name}/acc"] = evaluate(p.rollout, b.problems, b.prompts, b.checker, cfg.eval, seed)
-            logger.log(step, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
-            saved = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
-            if saved:
-                save(p, run_dir, step, state)
-            if not last and stop.requested():  # asked after the save too: a SIGTERM during it stops here
-                stop_here(step, saved)
+        with Progress(cfg.trainer.max_steps, "OPD", unit="steps", initial=start) as bar:
+            for step in steps:
+                prompts = shard(
+                    step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank
+                )
+                metrics = opd_step(step, prompts, p, cfg, rank, samples)
+                last = step == cfg.trainer.max_steps
+                if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                    acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student(step)
+                    for name, b in p.benchmarks.items():
+                        metrics[f"eval/{name}/acc"] = evaluated(
+                            p.rollout, b.problems, b.prompts, b.checker, step, f"eval/{name}"
+                        )
+                logger.log(step, metrics)
+                bar.update(1, loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
+                saved = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
+                if saved:
+                    save(p, run_dir, step, state)
+                if not last and stop.requested():  # asked after the save too: a SIGTERM during it stops here
+                    stop_here(step, saved)
         after = state.get("acc_last", state["acc_before"])
         summary = {
             "acc_before": state["acc_before"],

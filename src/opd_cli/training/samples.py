@@ -1,14 +1,15 @@
 """Rollout samples: a few of the student's responses, for reading, in ``<run dir>/samples.jsonl``.
 
-Every ``logger.samples_every`` training steps the step's rollout, and at every evaluation of the
-student (before training and at each ``eval.every`` step) its held-out samples, give at most
-``logger.samples_per_step`` rows each (``sample_rows``): the step, the phase (``train`` or
-``eval``), the prompt, the response decoded by the rollout engine exactly as the checker reads
+Every ``logger.samples_every`` training steps the step's rollout, and every evaluation (the
+teacher's before training, the student's before training and at each ``eval.every`` step, and
+each ``eval.benchmarks`` benchmark's), give at most ``logger.samples_per_step`` rows each
+(``sample_rows``): the step, the phase (``train``, ``eval`` for the student's held-out problems,
+``eval_teacher``, ``eval/<benchmark>``), the prompt, the response decoded by the rollout engine exactly as the checker reads
 it, the gold answer and the checker's verdict, the response length in tokens (up to and
 including EOS), whether it hit the length limit, and the mean log-prob of the sampled tokens
 under the student (the sampler's recorded ``old_logprobs``) and the teacher (its
-``sampled_logprob``, the one the loss uses; null at evaluation, where the teacher scores
-nothing). ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
+``sampled_logprob``, the one the loss uses). At an evaluation only the model that samples has
+log-probs: the student's, or at ``eval_teacher`` the teacher's (the other is null). ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
 
 Rank 0 writes the samples of its own share of a step's prompts: a sample needs no other rank's
 share, so sampling adds no communication between ranks. Every rank evaluates the same problems,
@@ -57,21 +58,24 @@ def sample_rows(
     checker: Checker,
     teacher_logprob: torch.Tensor | None,
     max_tokens: int,
+    by_teacher: bool = False,
 ) -> list[dict[str, Any]]:
     """One JSON-ready row per response ``rows`` names; ``texts[i]`` is row ``rows[i]`` decoded by the engine.
 
     ``prompts`` are the prompts the batch answers (``batch.prompt_index`` indexes them), ``answers``
     gives a prompt's gold answer, and ``teacher_logprob`` (or None) is the teacher's log-prob of each
     response token of the batch, flat in row-major order as ``TeacherSupport`` holds it.
+    ``by_teacher``: the teacher sampled the batch, so its recorded log-probs are the teacher's.
     """
     lengths = batch.response_mask.sum(1)
     offsets = [0, *lengths.cumsum(0).tolist()]
-    student = batch.old_logprobs[batch.response_mask]  # flat, row-major, like the teacher's
+    sampler = batch.old_logprobs[batch.response_mask]  # flat, row-major, like the teacher's
+    student, teacher_logprob = (None, sampler) if by_teacher else (sampler, teacher_logprob)
     out = []
     for r, text in zip(rows, texts, strict=True):
         prompt = prompts[int(batch.prompt_index[r])]
         answer = answers(prompt)  # None for a prompt without one: no verdict
-        s = student[offsets[r] : offsets[r + 1]]
+        s = None if student is None else student[offsets[r] : offsets[r + 1]]
         t = None if teacher_logprob is None else teacher_logprob[offsets[r] : offsets[r + 1]]
         row = {
             "step": step,
@@ -88,7 +92,7 @@ def sample_rows(
         if max_tokens:
             ids = batch.input_ids[r][batch.response_mask[r]]
             row["token_ids"] = ids[:max_tokens].tolist()
-            row["student_logprobs"] = s[:max_tokens].tolist()
+            row["student_logprobs"] = None if s is None else s[:max_tokens].tolist()
             row["teacher_logprobs"] = None if t is None else t[:max_tokens].tolist()
         out.append(row)
     return out
@@ -129,24 +133,21 @@ class SampleLog:
     through a ``Recording`` of the rollout engine, which ``eval`` then reads.
     """
 
-    def __init__(
-        self, lcfg, logger, checker: Checker, train_answers: Callable[[], dict[str, str]], eval_answers: dict[str, str]
-    ) -> None:
+    def __init__(self, lcfg, logger, checker: Checker, train_answers: Callable[[], dict[str, str]]) -> None:
         """``train_answers`` makes the map of training prompt -> gold answer, called at the first sampled step."""
         self.every, self.per_step, self.max_tokens = lcfg.samples_every, lcfg.samples_per_step, lcfg.samples_tokens
         self.logger, self.checker = logger, checker
-        self.make_train_answers, self.eval_answers = train_answers, eval_answers
+        self.make_train_answers = train_answers
 
     @classmethod
-    def of_run(cls, lcfg, logger, p: Parts, train_problems: list[Problem], eval_problems: list[Problem], task_cfg):
+    def of_run(cls, lcfg, logger, p: Parts, train_problems: list[Problem], task_cfg):
         """The samples of a run: its training prompts' answers are the run's own map (``loss.outcome_weight``),
-        else built from the problems; its evaluation prompts' are its held-out problems'."""
+        else built from the problems."""
 
         def train_answers() -> dict[str, str]:
             return p.answers or {format_prompt(q, task_cfg, p.tokenizer): q.answer for q in train_problems}
 
-        eval_answers = {q: e.answer for q, e in zip(p.eval_prompts, eval_problems, strict=True)}
-        return cls(lcfg, logger, p.checker, train_answers, eval_answers)
+        return cls(lcfg, logger, p.checker, train_answers)
 
     @cached_property
     def train_answers(self) -> dict[str, str]:
@@ -164,14 +165,23 @@ class SampleLog:
         )
         self.logger.samples(step, out)
 
-    def eval(self, step: int, recording: Recording) -> None:
-        """The first responses of an evaluation that sampled through ``recording``."""
+    def eval(
+        self,
+        step: int,
+        recording: Recording,
+        answers: dict[str, str],
+        phase: str = "eval",
+        checker: Checker | None = None,
+        by_teacher: bool = False,
+    ) -> None:
+        """The first responses of an evaluation that sampled through ``recording``: its prompts' gold
+        ``answers``, its ``checker`` (default the task's), and whether the teacher sampled (``by_teacher``)."""
         if recording.first is None:
             return
         prompts, batch, texts = recording.first
         rows = pick_rows(batch.prompt_index, self.per_step)
         out = sample_rows(
-            step, "eval", prompts, batch, rows, [texts[r] for r in rows], self.eval_answers.get, self.checker, None,
-            self.max_tokens,
+            step, phase, prompts, batch, rows, [texts[r] for r in rows], answers.get, checker or self.checker, None,
+            self.max_tokens, by_teacher,
         )  # fmt: skip
         self.logger.samples(step, out)
