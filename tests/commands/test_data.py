@@ -72,7 +72,10 @@ def test_hf_rollouts_write_the_teacher_samples(tmp_path, models_dir):
     problems = load_problems(cfg.task)[0][:8]
     batch = HFRollout(model, tok).generate([format_prompt(p, cfg.task, tok) for p in problems], 4, 1.0, 1.0, 64, 0)
     texts = tok.batch_decode(
-        [row[batch.prompt_len :][m[batch.prompt_len :]] for row, m in zip(batch.input_ids, batch.response_mask)],
+        [
+            row[batch.prompt_len :][m[batch.prompt_len :]]
+            for row, m in zip(batch.input_ids, batch.response_mask, strict=True)
+        ],
         skip_special_tokens=True,
     )
     eos = tok.eos_token_id
@@ -100,7 +103,9 @@ def test_vllm_rollouts_write_the_data_set(tmp_path, models_dir):
 @pytest.mark.integration
 def test_every_response_dropped_is_one_line_and_writes_nothing(tmp_path, models_dir):
     """One token at most: a kept response would be an empty one, which is wrong."""
-    out = opd_data(tmp_path / "run", models_dir, "data.n_problems=2", "data.max_new_tokens=1", "data.drop_incorrect=true")
+    out = opd_data(
+        tmp_path / "run", models_dir, "data.n_problems=2", "data.max_new_tokens=1", "data.drop_incorrect=true"
+    )
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]  # after the loading's progress
     assert last.startswith("error: data: every sampled response was dropped (truncated "), out.stderr
