@@ -22,6 +22,9 @@ pytestmark = pytest.mark.integration
 HUB_OFFLINE = (
     r"^error: model\.name_or_path: cannot load 'Qwen/Qwen2\.5-7B-Instruct': it is not in the local Hugging Face cache"
 )
+TEACHER_HUB_OFFLINE = (
+    r"^error: teacher\.name_or_path: cannot load 'Qwen/Qwen3-8B': it is not in the local Hugging Face cache"
+)
 PLAN = {
     "make run": ("covered", "tests/commands/test_readme.py::test_every_readme_command_runs_as_written (opd-train)"),
     "make test": ("covered", ".ci/run"),
@@ -61,6 +64,9 @@ PLAN = {
     "opd-train -m hydra/launcher=slurm trainer=zero2 trainer.nproc_per_node=8 loss=topk_lsm loss.k=1,4,16,64": (
         "covered", "tests/training/test_slurm.py::test_sweep_through_slurm (the same on the local SLURM)"),
     'make train-slurm ARGS="..." make sweep-slurm ARGS="..."': ("covered", "tests/training/test_slurm.py"),
+    "opd-data teacher-rollouts data.n=4 data.max_new_tokens=64": ("run", "data"),
+    "opd-data teacher-rollouts teacher=qwen3-8b task=dapo_math rollout=vllm data.n=4 data.max_new_tokens=7168 "
+    "data.drop_incorrect=true": ("refused", TEACHER_HUB_OFFLINE),
 }  # fmt: skip
 
 
@@ -91,7 +97,13 @@ def run(argv: list[str], env=None, timeout=900) -> subprocess.CompletedProcess:
     )
 
 
-COMMANDS = {"opd-train": "train", "opd-eval": "evaluate", "opd-report": "report", "opd-study": "study"}
+COMMANDS = {
+    "opd-train": "train",
+    "opd-eval": "evaluate",
+    "opd-report": "report",
+    "opd-study": "study",
+    "opd-data": "data",
+}
 MODULE = "def lenient(response, gold):\n    return gold in response\n"
 
 
@@ -141,6 +153,9 @@ def test_every_readme_command_runs_as_written(tmp_path, models_dir):
             args = [str(made[a.split("/")[1]]) if a in ("runs/base", "runs/new") else a for a in args]
             args = [f"out={tmp_path / 'fig3'}" if a == "out=paper/fig3" else a for a in args]
             extra = []
+        elif tool == "opd-data":  # 8 prompts in one call: a few of the tiny teacher's responses finish
+            extra = [f"paths.models={models_dir}", *TINY_DEMO, "data.n_problems=8", "data.batch_size=32",
+                     f"hydra.run.dir={tmp_path / 'data'}"]  # fmt: skip
         else:  # opd-study
             extra = [
                 "iterations=12",

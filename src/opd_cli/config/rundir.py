@@ -82,6 +82,21 @@ def check_fresh(run_dir: Path, key: str) -> None:
         )
 
 
+def check_empty(out_dir: Path, key: str) -> None:
+    """Refuse an output directory that holds anything but Hydra's own records (``.hydra``, the job's
+    ``.log``, which a run refused after Hydra made the directory leaves): a command that writes a fresh
+    output (``opd-data``) would mix it with what is there."""
+    out_dir = Path(out_dir)
+    held = (
+        sorted(p.name for p in out_dir.iterdir() if p.name != ".hydra" and p.suffix != ".log")
+        if out_dir.is_dir()
+        else []
+    )
+    if held:
+        more = ", ..." if len(held) > 3 else ""
+        raise UserError(f"{key}: {out_dir} is not empty (it holds {', '.join(held[:3])}{more}); give a new {key}")
+
+
 def check_writable(directory: Path, key: str) -> None:
     """The directory exists and is writable, or can be made: the nearest existing ancestor is a writable directory."""
     path = Path(directory).absolute()

@@ -248,7 +248,38 @@ class VarianceStudyConfig:
     visit_iterations: int = 100
 
 
+@dataclass
+class DataConfig:
+    """``data``: how ``opd-data teacher-rollouts`` samples the teacher and filters its responses."""
+
+    n_problems: int = 100000
+    n: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 512
+    repeat_ngram: int = 4
+    max_repeat_fraction: float = 0.5
+    drop_incorrect: bool = False
+
+
+@dataclass
+class TeacherRolloutsConfig:
+    """``opd-data teacher-rollouts``: the teacher's responses to the training prompts as an SFT data set
+    (conf/data_teacher_rollouts.yaml documents each key)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+    device: str = "auto"
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="study_variance_schema", node=VarianceStudyConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+    ConfigStore.instance().store(name="data_teacher_rollouts_schema", node=TeacherRolloutsConfig)

@@ -28,7 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from opd_cli.config.rundir import check_fresh, check_steps_ahead, check_writable, restore, saved_config
+from opd_cli.config.rundir import check_empty, check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
@@ -269,6 +269,24 @@ def check_question_regex(pattern: str | None) -> None:
         raise UserError("task.question_regex: needs a named group (?P<question>...)")
 
 
+def check_training_task(task: Any) -> None:
+    """The ``task`` whose training split a command reads: its data (a local file's every row, and
+    ``task.n_eval`` against the row count), template, question regex and checker."""
+    if task.eval_only:
+        where = task.path or task.dataset
+        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
+    if task.name == "hub" and not (task.dataset or task.path):
+        raise UserError("task.dataset: a hub task needs task.dataset or task.path")
+    if task.name == "hub" and not task.path and not offline():
+        check_hub_reachable(task.dataset, "task.dataset")
+    if task.path and not Path(task.path).exists():
+        raise UserError(f"task.path: file not found: {task.path}")
+    check_template(task.template)
+    check_question_regex(task.question_regex)
+    resolve_checker(task.checker)
+    check_task_data(task)
+
+
 def validate(cfg: Any) -> None:
     """Raise ``UserError`` naming the first key whose value is not allowed."""
     for key, allowed in choices().items():
@@ -335,19 +353,7 @@ def validate(cfg: Any) -> None:
         raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
-    if cfg.task.eval_only:
-        where = cfg.task.path or cfg.task.dataset
-        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
-    if cfg.task.name == "hub" and not (cfg.task.dataset or cfg.task.path):
-        raise UserError("task.dataset: a hub task needs task.dataset or task.path")
-    if cfg.task.name == "hub" and not cfg.task.path and not offline():
-        check_hub_reachable(cfg.task.dataset, "task.dataset")
-    if cfg.task.path and not Path(cfg.task.path).exists():
-        raise UserError(f"task.path: file not found: {cfg.task.path}")
-    check_template(cfg.task.template)
-    check_question_regex(cfg.task.question_regex)
-    resolve_checker(cfg.task.checker)
-    check_task_data(cfg.task)  # a local file's every row, and task.n_eval against the row count
+    check_training_task(cfg.task)
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:
             key = f"eval.benchmark_paths.{name}"
@@ -454,15 +460,24 @@ EVAL_INSTEAD["max_new_tokens"] = "eval.max_new_tokens"
 EVAL_ROLLOUT_KEYS = ("engine", "gpu_memory_utilization")
 
 
-def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
-    """``opd-eval``'s checks; ``overrides`` are the command line's, so that a rollout sampling key
-    opd-eval would not use is refused instead of ignored."""
+def refuse_unused_keys(
+    overrides: list[str], command: str, used: Mapping[str, tuple[str, ...]], own: str, instead: Mapping[str, str]
+) -> None:
+    """A key of a group in ``used`` that ``command`` does not read (not in the group's tuple), set on the
+    command line, is refused: it would be ignored. ``own`` is the group the command samples with
+    (``eval``, ``data``); ``instead`` maps a key's name to the key to set in its place, where there is one."""
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+~")
         group, _, name = key.partition(".")
-        if group == "rollout" and name and name not in EVAL_ROLLOUT_KEYS:
-            instead = f"set {EVAL_INSTEAD[name]}" if name in EVAL_INSTEAD else "it has no effect here"
-            raise UserError(f"{key}: opd-eval samples with the eval.* keys; {instead}")
+        if group in used and name and name not in used[group]:
+            hint = f"set {instead[name]}" if name in instead else "it has no effect here"
+            raise UserError(f"{key}: {command} samples with the {own}.* keys; {hint}")
+
+
+def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
+    """``opd-eval``'s checks; ``overrides`` are the command line's, so that a rollout sampling key
+    opd-eval would not use is refused instead of ignored."""
+    refuse_unused_keys(overrides, "opd-eval", {"rollout": EVAL_ROLLOUT_KEYS}, "eval", EVAL_INSTEAD)
     if not cfg.tasks:
         raise UserError("tasks: give at least one benchmark, e.g. tasks=[aime24,math500]")
     if cfg.model.lora.enabled:
@@ -488,6 +503,38 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
         key = f"task_paths.{name}"
         check_task_data(task_config(name, cfg.task_paths.get(name), "tasks", key), key, key)
     check_models(cfg, ("model.name_or_path",))
+
+
+# opd-data teacher-rollouts samples with data.*: the rollout and teacher keys it reads, and the keys to set instead
+DATA_USED = {
+    "rollout": ("engine", "gpu_memory_utilization", "max_prompt_tokens"),
+    "teacher": ("name_or_path", "dtype", "trust_remote_code"),
+}
+DATA_INSTEAD = {k: f"data.{k}" for k in ("n", "temperature", "top_p", "max_new_tokens")}
+DATA_INSTEAD["gpu_memory_utilization"] = "rollout.gpu_memory_utilization"
+
+
+def validate_data(cfg: Any, overrides: list[str] = ()) -> None:
+    """``opd-data teacher-rollouts``' checks; ``overrides`` are the command line's, so that a rollout or
+    teacher key it would not read is refused instead of ignored."""
+    refuse_unused_keys(overrides, "opd-data teacher-rollouts", DATA_USED, "data", DATA_INSTEAD)
+    allowed = {**choices(), "device": DEVICES}
+    for key in ("rollout.engine", "teacher.dtype", "task.name", "device"):
+        if _get(cfg, key) not in allowed[key]:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed[key])}")
+    at_least_one = ("n_problems", "n", "max_new_tokens", "batch_size", "repeat_ngram")
+    for key in [f"data.{k}" for k in at_least_one] + ["rollout.max_prompt_tokens", "task.answer_timeout_s"]:
+        if _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
+    for key in ("data.top_p", "data.max_repeat_fraction", "rollout.gpu_memory_utilization"):
+        if not 0 < _get(cfg, key) <= 1:
+            raise UserError(f"{key}: must be in (0, 1], got {_get(cfg, key)}")
+    if not 0 < cfg.data.temperature < math.inf:
+        raise UserError(f"data.temperature: must be a finite number > 0, got {cfg.data.temperature}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda asked for, but torch sees no CUDA device; use device=auto or cpu")
+    check_training_task(cfg.task)
+    check_models(cfg, ("teacher.name_or_path",))
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -551,10 +598,15 @@ def checks_end_the_process() -> Iterator[None]:
             raise SystemExit(1) from None
 
 
+# ValidateCallback's command -> its checks of a composed config and the command line's overrides
+CHECKS = {"train": lambda cfg, overrides: validate(cfg), "evaluate": validate_evaluate, "data": validate_data}
+
+
 class ValidateCallback(Callback):
     """Hydra callback: check the composed config before any run directory is made or touched.
 
-    ``command``: ``train`` (opd-train's checks) or ``evaluate`` (opd-eval's). For opd-train it
+    ``command``: ``train`` (opd-train's checks), ``evaluate`` (opd-eval's) or ``data`` (opd-data
+    teacher-rollouts', which also refuses an output directory that is not empty). For opd-train it
     also keeps a run directory's identity (``opd_cli.config.rundir``): a directory holding a run
     is refused unless ``trainer.resume=true``, and a resume runs the saved config. Hydra turns an
     exception raised in a callback into a warning and runs on, so a bad value ends the process here.
@@ -567,9 +619,11 @@ class ValidateCallback(Callback):
         with checks_end_the_process():
             overrides = list(config.hydra.overrides.task)
             check_added_keys(config, overrides)
-            if self.command == "evaluate":
-                validate_evaluate(config, overrides)
+            if self.command in ("evaluate", "data"):
+                CHECKS[self.command](config, overrides)
                 check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+                if self.command == "data":
+                    check_empty(Path(config.hydra.run.dir), "hydra.run.dir")
                 return
             validate(config)
             run_dir = Path(config.hydra.run.dir)
@@ -589,10 +643,13 @@ class ValidateCallback(Callback):
                 job = compose(config_name=config.hydra.job.config_name, overrides=point)
                 try:
                     check_added_keys(job, point)
-                    validate(job) if self.command == "train" else validate_evaluate(job, point)
+                    CHECKS[self.command](job, point)
                 except UserError as e:
                     which = " ".join(o for o in point if o.split("=", 1)[0].lstrip("+~") in swept)
                     raise UserError(f"{e} (in the sweep's job {which})" if which else str(e)) from None
+            if self.command == "data":
+                for job_dir in sorted(p for p in sweep_dir.glob("*") if p.is_dir()) if sweep_dir.is_dir() else ():
+                    check_empty(job_dir, "hydra.sweep.dir")
             if self.command != "train":
                 return
             if not config.trainer.resume:

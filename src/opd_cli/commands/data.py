@@ -1,0 +1,172 @@
+"""``opd-data <name> [overrides]``: data sets made with the models. Now: ``teacher-rollouts``.
+
+``teacher-rollouts``: the teacher samples ``data.n`` responses to each training prompt of the task
+(``rollout.engine`` samples it, HF or vLLM); the truncated, repetitive and (``data.drop_incorrect``)
+wrong ones are dropped (``training/teacher_rollouts.py``), and the rest is written as a
+``datasets.Dataset`` (``<run dir>/data``, one row per kept response) with ``stats.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from opd_cli.batch import chunk_bounds
+from opd_cli.commands.app import CONF_DIR, run_app
+from opd_cli.config.validate import validate_data
+from opd_cli.dist import Rank, pick_device
+from opd_cli.errors import UserError, fail, one_line_errors
+from opd_cli.models.checks import check_attention_mask, choose_decoder
+from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+from opd_cli.progress import Progress
+from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.tasks.checking import make_checker
+from opd_cli.tasks.problems import Problem, load_problems
+from opd_cli.tasks.prompts import format_prompt
+from opd_cli.training.data import prompt_length
+from opd_cli.training.teacher_rollouts import (
+    DROP_REASONS,
+    Sample,
+    batch_samples,
+    drop_reason,
+    incorrect,
+    repetitive,
+    summary,
+    truncated,
+    without_eos,
+)
+
+COMMANDS = ("teacher-rollouts",)
+# the data set's columns (docs/design.md, "Teacher rollouts (opd-data)")
+COLUMNS = ("question", "answer", "response", "response_tokens", "correct", "problem", "sample")
+# what to change when every response was dropped for a reason
+REMEDY = {
+    "truncated": "raise data.max_new_tokens",
+    "repetitive": "raise data.max_repeat_fraction",
+    "incorrect": "set data.drop_incorrect=false",
+}
+
+
+def teacher_prompts(problems: list[Problem], cfg, tokenizer) -> tuple[list[int], list[str], int]:
+    """The indices and prompts (task template and chat template, with the teacher's tokenizer) of the
+    problems whose prompt fits ``rollout.max_prompt_tokens`` (as opd-train leaves the longer ones out),
+    and the longest length kept."""
+    prompts = [format_prompt(p, cfg.task, tokenizer) for p in problems]
+    lengths = [prompt_length(tokenizer, p) for p in prompts]
+    index = [i for i, n in enumerate(lengths) if n <= cfg.rollout.max_prompt_tokens]
+    if not index:
+        raise UserError("rollout.max_prompt_tokens: every training prompt is longer than this")
+    return index, [prompts[i] for i in index], max(lengths[i] for i in index)
+
+
+def judge(s: Sample, problem: Problem, tokenizer, checker, d) -> tuple[dict, str | None]:
+    """A sample's data set row and its drop reason (None: kept)."""
+    eos = tokenizer.eos_token_id
+    body = without_eos(s.tokens, eos)
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    correct = checker(text, problem.answer) if problem.answer else None
+    row = {"question": problem.question, "answer": problem.answer, "response": text}
+    row |= {"response_tokens": len(body), "correct": correct, "problem": s.problem, "sample": s.sample}
+    why = drop_reason(
+        truncated(s.tokens, eos, d.max_new_tokens),
+        repetitive(body, d.repeat_ngram, d.max_repeat_fraction),
+        incorrect(correct, d.drop_incorrect),
+    )
+    return row, why
+
+
+def sample_and_judge(engine, index, prompts, problems, tokenizer, checker, d, seed) -> tuple[list[dict], list]:
+    """Every sample's row and drop reason, ``data.batch_size`` sequences per call of the engine (the
+    call's seed: ``seed`` plus its first prompt's position)."""
+    rows, reasons = [], []
+    per_call = max(1, d.batch_size // d.n)
+    with Progress(len(prompts) * d.n, "teacher-rollouts", unit="samples") as bar:
+        for s, e in chunk_bounds(len(prompts), per_call):
+            batch = engine.generate(prompts[s:e], d.n, d.temperature, d.top_p, d.max_new_tokens, seed + s)
+            for sample in batch_samples(batch, index[s:e], d.n):
+                row, why = judge(sample, problems[sample.problem], tokenizer, checker, d)
+                rows.append(row)
+                reasons.append(why)
+            bar.update((e - s) * d.n, kept=reasons.count(None))
+    return rows, reasons
+
+
+def settings(cfg) -> dict:
+    """How the data set was made, recorded in ``stats.json``."""
+    return {
+        "teacher": cfg.teacher.name_or_path,
+        "engine": cfg.rollout.engine,
+        "task": cfg.task.path or cfg.task.dataset or cfg.task.name,
+        "seed": cfg.seed,
+        **{k: v for k, v in cfg.data.items()},
+    }
+
+
+def run(cfg, out_dir: Path, overrides: list[str] = ()) -> dict:
+    """Sample, filter and write the data set as configured; returns (and writes) ``stats.json``'s content."""
+    validate_data(cfg, overrides)
+    torch.manual_seed(cfg.seed)
+    d = cfg.data
+    path = resolve_path(cfg.teacher.name_or_path, cfg)
+    tok = load_tokenizer(path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    problems = load_problems(cfg.task)[0][: d.n_problems]
+    index, prompts, longest = teacher_prompts(problems, cfg, tok)
+    model = None
+    if cfg.rollout.engine == "hf":  # the vLLM engine loads the model itself
+        device = pick_device(cfg.device, Rank())
+        model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
+        check_attention_mask(model, "teacher.name_or_path")
+        choose_decoder(model)
+    spec = RolloutSpec(model, tok, path, longest + d.max_new_tokens, cfg.teacher.dtype, cfg.seed)
+    engine = make_rollout(cfg.rollout, spec)
+    rows, reasons = sample_and_judge(engine, index, prompts, problems, tok, make_checker(cfg.task), d, cfg.seed)
+    stats = {"prompts": len(problems), "prompts_too_long": len(problems) - len(index), **summary(rows, reasons)}
+    stats["settings"] = settings(cfg)
+    if not stats["kept"]:
+        counts = ", ".join(f"{r} {stats['dropped'][r]}" for r in DROP_REASONS)
+        remedy = " or ".join(REMEDY[r] for r in DROP_REASONS if stats["dropped"][r])
+        raise UserError(f"data: every sampled response was dropped ({counts}): {remedy}")
+    write(out_dir, [r for r, why in zip(rows, reasons, strict=True) if why is None], stats)
+    return stats
+
+
+def write(out_dir: Path, rows: list[dict], stats: dict) -> None:
+    """The kept rows as a ``datasets.Dataset`` in ``out_dir/data``, and ``out_dir/stats.json``."""
+    import datasets  # heavy: only when writing
+
+    features = datasets.Features(
+        {
+            **{k: datasets.Value("string") for k in ("question", "answer", "response")},
+            **{k: datasets.Value("int64") for k in ("response_tokens", "problem", "sample")},
+            "correct": datasets.Value("bool"),
+        }
+    )
+    data = datasets.Dataset.from_list(rows, features=features).select_columns(list(COLUMNS))
+    data.save_to_disk(str(out_dir / "data"))
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+
+@hydra.main(config_path=CONF_DIR, config_name="data_teacher_rollouts", version_base="1.3")
+def _teacher_rollouts(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with one_line_errors():
+        stats = run(cfg, out, list(HydraConfig.get().overrides.task))
+    counts = {k: stats[k] for k in ("prompts", "sampled", "kept", "dropped", "accuracy")}
+    print(json.dumps(counts), f"data: {out / 'data'}")
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        fail(f"usage: opd-data {{{','.join(COMMANDS)}}} [overrides]")
+    sys.argv.pop(1)
+    run_app(_teacher_rollouts)
+
+
+if __name__ == "__main__":
+    main()
