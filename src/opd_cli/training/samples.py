@@ -8,7 +8,8 @@ it, the gold answer and the checker's verdict, the response length in tokens (up
 including EOS), whether it hit the length limit, and the mean log-prob of the sampled tokens
 under the student (the sampler's recorded ``old_logprobs``) and the teacher (its
 ``sampled_logprob``, the one the loss uses; null at evaluation, where the teacher scores
-nothing). ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
+nothing, and in SFT, where no teacher is loaded; the student's is null for a data set's responses,
+which nothing sampled). ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
 
 Rank 0 writes the samples of its own share of a step's prompts: a sample needs no other rank's
 share, so sampling adds no communication between ranks. Every rank evaluates the same problems,
@@ -67,11 +68,13 @@ def sample_rows(
     lengths = batch.response_mask.sum(1)
     offsets = [0, *lengths.cumsum(0).tolist()]
     student = batch.old_logprobs[batch.response_mask]  # flat, row-major, like the teacher's
+    if student.isnan().any():  # a data set's responses (rollout=dataset): no sampler log-probs
+        student = None
     out = []
     for r, text in zip(rows, texts, strict=True):
         prompt = prompts[int(batch.prompt_index[r])]
         answer = answers(prompt)  # None for a prompt without one: no verdict
-        s = student[offsets[r] : offsets[r + 1]]
+        s = None if student is None else student[offsets[r] : offsets[r + 1]]
         t = None if teacher_logprob is None else teacher_logprob[offsets[r] : offsets[r + 1]]
         row = {
             "step": step,
@@ -88,7 +91,7 @@ def sample_rows(
         if max_tokens:
             ids = batch.input_ids[r][batch.response_mask[r]]
             row["token_ids"] = ids[:max_tokens].tolist()
-            row["student_logprobs"] = s[:max_tokens].tolist()
+            row["student_logprobs"] = None if s is None else s[:max_tokens].tolist()
             row["teacher_logprobs"] = None if t is None else t[:max_tokens].tolist()
         out.append(row)
     return out
@@ -155,10 +158,11 @@ class SampleLog:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def train(self, step: int, prompts: list[str], batch: RolloutBatch, support: TeacherSupport, engine) -> None:
+    def train(self, step: int, prompts: list[str], batch: RolloutBatch, support: TeacherSupport | None, engine) -> None:
+        """A step's rows; ``support`` None where no teacher scored them (``sft``)."""
         rows = pick_rows(batch.prompt_index, self.per_step)
         texts = engine.decode_responses(batch.select(torch.tensor(rows)))  # as outcome_scores decodes them
-        teacher = support.sampled_logprob.detach().float().cpu()
+        teacher = None if support is None else support.sampled_logprob.detach().float().cpu()
         out = sample_rows(
             step, "train", prompts, batch, rows, texts, self.train_answers.get, self.checker, teacher, self.max_tokens
         )
