@@ -21,6 +21,7 @@ student's evaluation samples with ``HFRollout`` (``generate``).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def open_dataset(rc) -> Any:
         )
     if not Path(path).exists():
         raise UserError(f"rollout.path: not found: {path}")
+    if _saved_without_rows(Path(path)):  # load_from_disk fails on one (an IndexError)
+        raise UserError(f"rollout.path: the data set at {path} has no rows")
     try:
         data = datasets.load_from_disk(str(path))
     except Exception as e:  # not a save_to_disk directory, or an unreadable one
@@ -73,6 +76,14 @@ def open_dataset(rc) -> Any:
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
             raise UserError(f"rollout.{key}: column '{column}' of the data set at {path} holds {feature}, not text")
     return data
+
+
+def _saved_without_rows(path: Path) -> bool:
+    """A ``save_to_disk`` directory of a data set with no rows: its state lists no data files."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def response_ids(tokenizer, responses: list[str], max_new_tokens: int) -> tuple[list[list[int]], list[bool]]:
