@@ -65,6 +65,25 @@ class RolloutEngine(Sampler, Protocol):
 
 
 @runtime_checkable
+class DatasetEngine(RolloutEngine, Protocol):
+    """A rollout engine whose training batches are rows of a data set, not samples (``rollout=dataset``: SFT).
+
+    The loop picks each step's rows (``training.data.step_indices`` over ``num_rows``) and asks for
+    their batch; ``generate`` still samples from the student, for its evaluation. Its batches break
+    ``RolloutEngine``'s rule on ``old_logprobs`` (nothing sampled them: NaN), so only an objective that
+    reads neither them nor the teacher trains on one.
+    """
+
+    @property
+    def num_rows(self) -> int: ...
+
+    def batch_of(self, indices: list[int]) -> tuple[list[str], RolloutBatch]:
+        """The prompts of rows ``indices`` (each in ``range(num_rows)``) and their batch, one sequence per row
+        in that order (``prompt_index`` is the row's position)."""
+        ...
+
+
+@runtime_checkable
 class TeacherBackend(Protocol):
     """Scores a rollout batch with the teacher (``teacher.backend``).
 

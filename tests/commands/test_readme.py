@@ -47,6 +47,10 @@ PLAN = {
     "opd-report runs/base runs/new 'metrics=[loss,eval/acc]' band=std out=paper/fig3": ("run", "report"),
     "make study-variance": ("covered", "tests/commands/test_study.py::test_tiny_study_writes_every_output"),
     "opd-study variance horizon=40 'gammas=[0,1]' iterations=1000": ("run", "study"),
+    "opd-train loss=sft rollout=dataset rollout.path=outputs/data/<date>/<time>/data trainer.max_steps=100": (
+        "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
+    "opd-train model.name_or_path=outputs/runs/<date>/<time>/checkpoints/step_000100/model": (
+        "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
     "opd-train rollout=vllm teacher.backend=vllm": ("covered", "tests/models/test_vllm.py::test_cli_with_vllm_rollouts_and_teacher"),
     "opd-train rollout=vllm teacher.backend=vllm trainer=zero2 trainer.nproc_per_node=2": (
         "covered", "tests/models/test_vllm.py::test_cli_with_vllm_on_two_ranks"),

@@ -15,6 +15,7 @@ from opd_cli.training.loop import train
 
 from ..conftest import REPO, SHORT, TINY_DEMO, assert_resume_matches, compose_cfg, metrics, opd_train
 from ..models.tiny import save_model
+from ..rollout.sft_data import write_sft_data
 
 STEP_KEYS = {
     "loss",
@@ -41,6 +42,7 @@ STEP_KEYS = {
     "train_rollout_logprob_abs_diff",
     "train_rollout_k3_kl",
 }
+SFT_STEP_KEYS = {"loss", "nll", "entropy", "grad_norm", "response_clip_ratio", "response_length", "peak_mem_gb"}
 LOSS_PRESETS = sorted(p.stem for p in (REPO / "conf/loss").glob("*.yaml") if p.stem != "_base")
 
 
@@ -108,13 +110,15 @@ def test_resume_matches_uninterrupted_run(precision, tmp_path, models_dir):
 def test_every_loss_preset_runs_two_steps(name, tmp_path, models_dir):
     """Each preset trains 2 steps on the demo task (in process, the config composed as the CLI does)."""
     overrides = [f"paths.models={models_dir}", *TINY_DEMO, *SHORT, "eval.n_problems=4", "eval.k=1"]
+    if name == "sft":  # it trains on a data set's responses, and has no teacher diagnostics
+        overrides += ["rollout=dataset", f"rollout.path={write_sft_data(tmp_path / 'data', 8)}"]
     cfg = compose_cfg([*overrides, "logger=none", "trainer.max_steps=2", f"loss={name}", "loss.k=8"])
-    summary = train(cfg, tmp_path)
+    summary = train(cfg, tmp_path / "run")
     assert summary["step"] == 2
-    rows = metrics(tmp_path)
+    rows = metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
-        assert STEP_KEYS <= row.keys()
+        assert (SFT_STEP_KEYS if name == "sft" else STEP_KEYS) <= row.keys()
         assert all(math.isfinite(v) for v in row.values()), row
         assert row["grad_norm"] > 0
 

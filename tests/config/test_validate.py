@@ -15,6 +15,7 @@ from opd_cli.errors import UserError
 
 from ..conftest import REPO, compose_cfg
 from ..models.tiny import other_vocabulary_model, save_model
+from ..rollout.sft_data import write_sft_data
 from ..tasks.bad_data import BAD_FILES, GOOD_ROW, write
 
 CONF = REPO / "conf"
@@ -25,9 +26,16 @@ def presets(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
+# presets that validate only together: SFT's objective and the engine that reads its data set
+COMPANIONS = {("loss", "sft"): "rollout=dataset", ("rollout", "dataset"): "loss=sft"}
+
+
 @pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
-def test_every_preset_composes_and_validates(group, preset, hub_answers):
-    cfg = compose_cfg([f"{group}={preset}"])
+def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_path):
+    extra = []
+    if companion := COMPANIONS.get((group, preset)):
+        extra = [companion, f"rollout.path={write_sft_data(tmp_path / 'data', 4)}"]
+    cfg = compose_cfg([f"{group}={preset}", *extra])
     if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
         validate(cfg)
 
@@ -60,7 +68,7 @@ def test_an_unreachable_hub_is_refused_in_seconds(hub_down):
         ("rollout.max_new_tokens=-3", "rollout.max_new_tokens: must be an integer >= 1, got -3"),
         (
             "loss.objective=nope",
-            "loss.objective: 'nope' is not one of: sampled_token, sampled_token_is, support_divergence",
+            "loss.objective: 'nope' is not one of: sampled_token, sampled_token_is, support_divergence, sft",
         ),
         (
             "loss.support=most",

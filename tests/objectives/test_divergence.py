@@ -24,6 +24,8 @@ from .synthetic import PRESETS, N, V, make_inputs, preset
 def ref_token_loss(logits, t_logp, x, n, cfg):
     """One token's loss from the definitions: sets of ids, full float64 distributions."""
     logp = torch.log_softmax(logits, -1)
+    if cfg.objective == "sft":  # the negative log-likelihood of the token
+        return -logp[x.target[n]]
     if cfg.objective in ("sampled_token", "sampled_token_is"):
         a, lp_y = x.advantage[n], logp[x.target[n]]
         ratio = torch.exp(lp_y - x.old_logprob[n])

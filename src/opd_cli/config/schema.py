@@ -90,6 +90,9 @@ class RolloutConfig:
     max_prompt_tokens: int = 256
     gpu_memory_utilization: float = 0.3
     sleep: bool | None = None
+    path: str | None = None
+    question_key: str = "question"
+    response_key: str = "response"
 
 
 @dataclass

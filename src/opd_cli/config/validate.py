@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config.rundir import check_empty, check_fresh, check_steps_ahead, check_writable, restore, saved_config
-from opd_cli.config.schema import LoraConfig, TrainConfig
+from opd_cli.config.schema import LoraConfig, RolloutConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
@@ -37,8 +37,9 @@ from opd_cli.models.preflight import check_hub_reachable, offline, preflight
 from opd_cli.objectives.advantages import AGG_MODES
 from opd_cli.objectives.divergence import KNOB_CHOICES
 from opd_cli.objectives.masks import MASK_MODES
-from opd_cli.objectives.registry import OBJECTIVES, make_objective
-from opd_cli.rollout.registry import ROLLOUT_ENGINES
+from opd_cli.objectives.registry import OBJECTIVES, make_objective, needs_teacher
+from opd_cli.rollout.dataset import open_dataset
+from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, task_config
 from opd_cli.tasks.prompts import check_template
@@ -257,6 +258,37 @@ def check_lora(cfg: Any) -> None:
         )
 
 
+# the rollout keys only a data set engine reads (rollout=dataset)
+DATA_KEYS = ("path", "question_key", "response_key")
+
+
+def check_rollout_data(cfg: Any) -> None:
+    """A data set's responses (``rollout=dataset``) train only an objective that needs nothing from the teacher
+    (``sft``), and that objective trains only on a data set, which must be there with the columns it reads."""
+    rc, loss = cfg.rollout, cfg.loss
+    from_data, teacher = rc.engine in DATA_ENGINES, needs_teacher(loss)
+    if from_data and teacher:
+        raise UserError(
+            f"loss: '{loss.name}' distills on the student's own samples, which rollout=dataset does not make "
+            "(it trains on a data set's fixed responses); use loss=sft with rollout=dataset, or rollout=hf|vllm"
+        )
+    if not from_data and not teacher:
+        raise UserError(
+            f"rollout.engine: loss={loss.name} fine-tunes on a data set's responses, not on the student's samples; "
+            "use rollout=dataset rollout.path=<dir>"
+        )
+    if not from_data:
+        defaults = dataclasses.asdict(RolloutConfig())
+        if changed := [k for k in DATA_KEYS if _get(rc, k) != defaults[k]]:
+            raise UserError(
+                f"rollout.{changed[0]}: only rollout=dataset reads a data set (rollout.engine is '{rc.engine}')"
+            )
+        return
+    if loss.outcome_weight:
+        raise UserError(f"loss.outcome_weight: loss={loss.name} has no outcome term; set loss.outcome_weight=0")
+    open_dataset(rc)
+
+
 def check_question_regex(pattern: str | None) -> None:
     """``task.question_regex`` must compile and name a group ``question``."""
     if pattern is None:
@@ -340,6 +372,7 @@ def validate(cfg: Any) -> None:
     check_logger(cfg.logger, os.environ)
     check_world(cfg.trainer)
     check_devices(cfg)
+    check_rollout_data(cfg)
     check_teacher_supplies(make_objective(cfg.loss), backend_supplies(cfg.teacher), cfg.teacher.backend)
     check_precision(cfg)
     check_lora(cfg)
@@ -358,7 +391,10 @@ def validate(cfg: Any) -> None:
         for name in cfg.eval.benchmarks:
             key = f"eval.benchmark_paths.{name}"
             check_task_data(task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", key), key, key)
-    check_models(cfg, ("model.name_or_path", "teacher.name_or_path"))
+    # no teacher is loaded for an objective that needs nothing from it (sft)
+    check_models(
+        cfg, ("model.name_or_path", "teacher.name_or_path") if needs_teacher(cfg.loss) else ("model.name_or_path",)
+    )
 
 
 def resumes(cfg: Any) -> bool:
@@ -484,7 +520,9 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
         raise UserError(
             "model.lora.enabled: opd-eval evaluates a model as saved (a LoRA checkpoint's model/ directory loads as is)"
         )
-    allowed = {**choices(), "device": DEVICES}
+    # opd-eval samples: an engine that reads a data set instead (rollout=dataset) has nothing to evaluate
+    sampling = tuple(e for e in ROLLOUT_ENGINES if e not in DATA_ENGINES)
+    allowed = {**choices(), "device": DEVICES, "rollout.engine": sampling}
     for key in ("rollout.engine", "model.dtype", "device"):
         if _get(cfg, key) not in allowed[key]:
             raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed[key])}")

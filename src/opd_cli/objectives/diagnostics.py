@@ -96,6 +96,17 @@ def in_student_topk(logp: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torc
 
 
 @torch.no_grad()
+def student_metrics(hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs) -> MetricSums:
+    """The per-token diagnostics of one chunk that need no teacher, for an objective that needs nothing from
+    it (``sft``): the student's entropy ``H(p)`` and the negative log-likelihood ``-log p(y)`` of each token."""
+    m = MetricSums()
+    logp = full_logprobs(hidden, weight)
+    m.add("entropy", -(logp.exp() * logp).sum(-1), x.weight)
+    m.add("nll", -logp.gather(-1, x.target[:, None]).squeeze(-1), x.weight)
+    return m
+
+
+@torch.no_grad()
 def token_metrics(
     hidden: torch.Tensor, weight: torch.Tensor, x: TokenInputs, bucket_tokens: int, k: int | None = None
 ) -> MetricSums:

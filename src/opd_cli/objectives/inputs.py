@@ -51,10 +51,25 @@ def _apply(t, fn):
     return None if t is None else fn(t)
 
 
+def no_teacher(n: int) -> TeacherSupport:
+    """What stands in for the teacher's support of ``n`` tokens when the objective needs nothing from it
+    (``sft``): no top-K ids, NaN log-probs and entropies (never read: neither the objective nor its
+    diagnostics, ``student_metrics``, look at them)."""
+    nan = torch.full((n,), float("nan"))
+    return TeacherSupport(torch.zeros((n, 0), dtype=torch.long), torch.zeros((n, 0)), nan, nan.clone())
+
+
 def token_inputs(
-    batch: RolloutBatch, support: TeacherSupport, mask_ids: list[int], loss_cfg, outcome: torch.Tensor | None = None
+    batch: RolloutBatch,
+    support: TeacherSupport | None,
+    mask_ids: list[int],
+    loss_cfg,
+    outcome: torch.Tensor | None = None,
 ) -> tuple[TokenInputs, torch.Tensor]:
     """Flat per-token inputs of a batch, and row offsets into them ([B + 1]).
+
+    ``support`` None: no teacher was called (an objective that needs nothing from it); the teacher's
+    fields are ``no_teacher``'s and the advantage (of the teacher's reward) is 0.
 
     ``outcome [B]`` is each response's weighted outcome advantage (``loss.outcome_weight``),
     spread over its tokens as ``outcome_advantage``: a sampled-token objective adds it to every
@@ -67,9 +82,12 @@ def token_inputs(
     if loss_cfg.max_response_tokens is not None:  # paper C leaves over-long responses out of the loss
         keep &= (rm.sum(1) <= loss_cfg.max_response_tokens)[:, None]
     keep = keep[rm].float()
-    rewards = torch.zeros(rm.shape, dtype=support.sampled_logprob.dtype)
-    log_ratio = clip_log_ratio(support.sampled_logprob - batch.old_logprobs[rm], loss_cfg.log_ratio_clip)
-    rewards[rm] = log_ratio * keep
+    rewards = torch.zeros(rm.shape, dtype=torch.float32 if support is None else support.sampled_logprob.dtype)
+    if support is None:
+        support = no_teacher(int(rm.sum()))
+    else:
+        log_ratio = clip_log_ratio(support.sampled_logprob - batch.old_logprobs[rm], loss_cfg.log_ratio_clip)
+        rewards[rm] = log_ratio * keep
     advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
     per_token = None if outcome is None else outcome.to(advantage.dtype)[:, None].expand(rm.shape)[rm]
     x = TokenInputs(

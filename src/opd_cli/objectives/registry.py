@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from opd_cli.objectives import divergence, policy_gradient
+from opd_cli.objectives import divergence, policy_gradient, sft
 from opd_cli.objectives.base import Objective
 
 # loss.objective -> the builder of that family's objective from the loss config (and the teacher's head)
@@ -20,6 +20,7 @@ OBJECTIVES: dict[str, Callable[[Any, torch.Tensor | None], Objective]] = {
     "sampled_token": policy_gradient.build,
     "sampled_token_is": policy_gradient.build,
     "support_divergence": divergence.build,
+    "sft": sft.build,
 }
 
 
@@ -28,6 +29,12 @@ def make_objective(loss_cfg, teacher_head: torch.Tensor | None = None) -> Object
     objective = OBJECTIVES[loss_cfg.objective](loss_cfg, teacher_head)
     objective.diag_k = loss_cfg.diag_k or loss_cfg.k
     return objective
+
+
+def needs_teacher(loss_cfg) -> bool:
+    """Whether the objective of ``loss_cfg`` needs anything from the teacher; where not (``sft``), no
+    teacher is loaded or called and the diagnostics that compare with it are not computed."""
+    return bool(make_objective(loss_cfg).teacher_needs)
 
 
 def teacher_k(loss: Any) -> int:

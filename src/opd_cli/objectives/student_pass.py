@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opd_cli.batch import chunk_bounds
 from opd_cli.objectives.base import Objective
-from opd_cli.objectives.diagnostics import MetricSums, token_metrics
+from opd_cli.objectives.diagnostics import MetricSums, student_metrics, token_metrics
 from opd_cli.objectives.inputs import TokenInputs
 from opd_cli.objectives.math import upcast
 
@@ -34,7 +34,8 @@ def student_loss_and_metrics(
     Each chunk's loss runs under activation checkpointing: its ``[chunk, V]``
     intermediates are freed after the forward and recomputed one chunk at a time in
     the backward (unless all ``N x V`` is at most ``CHECKPOINT_ABOVE`` entries, where
-    keeping them is cheaper than recomputing). Diagnostics run per chunk without gradient.
+    keeping them is cheaper than recomputing). Diagnostics run per chunk without gradient; an objective
+    that needs nothing from the teacher gets only those that need none (``student_metrics``).
     """
     total = upcast(hidden).new_zeros(())
     metrics = MetricSums()
@@ -54,7 +55,10 @@ def student_loss_and_metrics(
         total = total + (loss * (xc.weight if xc.loss_weight is None else xc.loss_weight)).sum()
         metrics.add("pg_clipfrac", clipped[:, 0].to(xc.weight.dtype), xc.weight)
         metrics.add("pg_clipfrac_lower", clipped[:, 1].to(xc.weight.dtype), xc.weight)
-    if diagnostics:  # token_metrics runs without gradient
+    if diagnostics:  # without gradient
         for s, e in chunk_bounds(hidden.shape[0], chunk_tokens):
-            metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens, objective.diag_k))
+            if objective.teacher_needs:
+                metrics.merge(token_metrics(hidden[s:e], weight, x.slice(s, e), bucket_tokens, objective.diag_k))
+            else:
+                metrics.merge(student_metrics(hidden[s:e], weight, x.slice(s, e)))
     return total, metrics

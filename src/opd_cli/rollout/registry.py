@@ -15,6 +15,7 @@ import torch
 
 from opd_cli.contracts import RolloutEngine
 from opd_cli.models.vllm import colocated_engine
+from opd_cli.rollout.dataset import DatasetRollout, open_dataset
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.rollout.vllm import VLLMRollout
 
@@ -32,6 +33,7 @@ class RolloutSpec:
     sharded: bool = False  # the student is partitioned across ranks (ZeRO-3)
     ranks: bool = False  # one engine per rank of a DeepSpeed job
     entropy: bool = False  # record the sampler's entropy at each token (loss.entropy_top_ratio)
+    task: Any = None  # the task config: how a data set's questions become prompts (rollout=dataset)
 
 
 def hf_engine(rc, spec: RolloutSpec) -> RolloutEngine:
@@ -48,8 +50,21 @@ def vllm_engine(rc, spec: RolloutSpec) -> RolloutEngine:
     return VLLMRollout(memory.llm, spec.tokenizer, memory)
 
 
+def dataset_engine(rc, spec: RolloutSpec) -> RolloutEngine:
+    """No sampling: each step's batch is rows of the data set at ``rollout.path`` (SFT); the student's
+    evaluation samples with our decoding loop on the live student."""
+    sampler = HFRollout(spec.model, spec.tokenizer, sharded=spec.sharded)
+    return DatasetRollout(open_dataset(rc), rc, spec.task, spec.tokenizer, sampler)
+
+
 # rollout.engine -> builder
-ROLLOUT_ENGINES: dict[str, Callable[[Any, RolloutSpec], RolloutEngine]] = {"hf": hf_engine, "vllm": vllm_engine}
+ROLLOUT_ENGINES: dict[str, Callable[[Any, RolloutSpec], RolloutEngine]] = {
+    "hf": hf_engine,
+    "vllm": vllm_engine,
+    "dataset": dataset_engine,
+}
+# the engines whose training batches are a data set's rows, not the student's samples (``DatasetEngine``)
+DATA_ENGINES = frozenset({"dataset"})
 
 
 def make_rollout(rc, spec: RolloutSpec) -> RolloutEngine:

@@ -18,8 +18,8 @@ from opd_cli.models.student import ADAPTER_DIR, add_lora, enable_checkpointing
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.divergence import degenerate
 from opd_cli.objectives.masks import mask_token_ids
-from opd_cli.objectives.registry import make_objective
-from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.objectives.registry import make_objective, needs_teacher
+from opd_cli.rollout.registry import DATA_ENGINES, RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.prompts import format_prompt
 from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
@@ -30,8 +30,9 @@ from opd_cli.training.trainers import make_trainer
 log = logging.getLogger(__name__)
 
 
-def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
-    """Student and teacher paths; rank 0 builds the demo models (first use) while the others wait.
+def resolve_models(cfg, ckpt: Path | None, rank: Rank, teacher: bool = True) -> tuple[str, str | None]:
+    """Student and teacher paths (the teacher's None unless ``teacher``); rank 0 builds the demo models
+    (first use) while the others wait.
 
     A resumed student comes from the checkpoint, except under LoRA: then from its base (the
     adapter is loaded onto it, ``build``)."""
@@ -39,7 +40,7 @@ def resolve_models(cfg, ckpt: Path | None, rank: Rank) -> tuple[str, str]:
     for turn in (True, False):
         if rank.main == turn:
             s_path = str(ckpt / "model") if resumed else resolve_path(cfg.model.name_or_path, cfg)
-            t_path = resolve_path(cfg.teacher.name_or_path, cfg)
+            t_path = resolve_path(cfg.teacher.name_or_path, cfg) if teacher else None
         barrier()
     return s_path, t_path
 
@@ -52,8 +53,8 @@ class Parts:
     train_prompts: list[str]
     answers: dict[str, str]  # training prompt -> its gold answer (loss.outcome_weight)
     eval_prompts: list[str]
-    teacher: TeacherBackend
-    teacher_sampler: Sampler  # the teacher sampling, for its accuracy before training
+    teacher: TeacherBackend | None  # None: the objective needs nothing from it (sft), so none is loaded
+    teacher_sampler: Sampler | None  # the teacher sampling, for its accuracy before training
     objective: Objective
     mask_ids: list[int]  # token ids of loss.mask_tokens
     checker: Checker
@@ -63,10 +64,12 @@ class Parts:
 
 
 def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
-    """Load the models and make the engines, teacher and objective of a run (``opd-train`` and ``make bench``)."""
-    s_path, t_path = resolve_models(cfg, ckpt, rank)
+    """Load the models and make the engines, teacher and objective of a run (``opd-train`` and ``make bench``).
+
+    The teacher is loaded only if the objective needs something from it (not for ``sft``)."""
+    uses_teacher = needs_teacher(cfg.loss)
+    s_path, t_path = resolve_models(cfg, ckpt, rank, uses_teacher)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
-    t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
     precision = student_precision(cfg)
     # bf16-mixed loads float32 weights: the engine keeps them as master weights and computes in bfloat16
     cpu_linear = cfg.trainer.cpu_linear if COMPUTE_DTYPE[precision] == "float32" else "blas"
@@ -78,7 +81,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     if cfg.trainer.gradient_checkpointing:
         enable_checkpointing(student)
     # logits must be hidden @ W.T; the packed pass and our decoders only where they equal the model's forward
-    check_model(student, "model.name_or_path", sampling=cfg.rollout.engine == "hf")
+    check_model(student, "model.name_or_path", sampling=cfg.rollout.engine in ("hf", *DATA_ENGINES))
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     answers = {}
     if cfg.loss.outcome_weight:
@@ -88,19 +91,23 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     every_eval_prompt = eval_prompts + [q for b in benchmarks.values() for q in b.prompts]
     longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
-    # config.validate.check_models compares the files before the run directory exists; this costs nothing and
-    # covers what it could not see (a resumed student, a hub model downloaded just now)
-    check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
-    objective = make_objective(cfg.loss, teacher.head)
+    teacher = teacher_sampler = None
+    if uses_teacher:
+        t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+        teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
+        # config.validate.check_models compares the files before the run directory exists; this costs nothing
+        # and covers what it could not see (a resumed student, a hub model downloaded just now)
+        check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
+    objective = make_objective(cfg.loss, None if teacher is None else teacher.head)
     if rank.main and (why := degenerate(cfg.loss)):
         log.warning(why)
-    check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
+    if teacher is not None:
+        check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     trainer = make_trainer(student, cfg.trainer, rank, precision)
     spec = RolloutSpec(
         trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], cfg.trainer.seed, trainer.sharded,
-        ranks=cfg.trainer.engine == "deepspeed", entropy=cfg.loss.entropy_top_ratio is not None,
+        ranks=cfg.trainer.engine == "deepspeed", entropy=cfg.loss.entropy_top_ratio is not None, task=cfg.task,
     )  # fmt: skip
     rollout = make_rollout(cfg.rollout, spec)
     if ckpt is not None and cfg.model.lora.enabled:

@@ -33,18 +33,26 @@ def eval_seed(seed: int) -> int:
     return seed * EVAL_STRIDE
 
 
-def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> list[str]:
-    """The prompts of training step ``step`` (1-based): seeded epochs, derived from the step alone.
+def step_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
+    """The indices into ``n`` items of training step ``step`` (1-based): positions ``[(step - 1) * per_step,
+    step * per_step)`` of one seeded permutation of ``range(n)`` per epoch, epoch after epoch.
 
     Deriving the data position from the step makes resume exact without saving a cursor.
     """
-    out = []
+    out: list[int] = []
+    orders: dict[int, list[int]] = {}  # each epoch's permutation, made once per call
     for pos in range((step - 1) * per_step, step * per_step):
-        epoch, i = divmod(pos, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(seed * EPOCH_STRIDE + epoch).shuffle(order)
-        out.append(prompts[order[i]])
+        epoch, i = divmod(pos, n)
+        if epoch not in orders:
+            orders[epoch] = list(range(n))
+            random.Random(seed * EPOCH_STRIDE + epoch).shuffle(orders[epoch])
+        out.append(orders[epoch][i])
     return out
+
+
+def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> list[str]:
+    """The prompts of training step ``step`` (1-based): seeded epochs, derived from the step alone."""
+    return [prompts[i] for i in step_indices(len(prompts), per_step, step, seed)]
 
 
 def prompt_length(tokenizer, prompt: str) -> int:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.config.rundir import RUN_CONFIG, check_fresh, check_same_run, saved_config
 from opd_cli.config.validate import validate
-from opd_cli.contracts import Trainer
+from opd_cli.contracts import DatasetEngine, Trainer
 from opd_cli.dist import Rank, all_reduce, all_reduce_named, barrier, init_process_group, pick_device, shard, this_rank
 from opd_cli.errors import Stopped, UserError
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
@@ -35,7 +35,7 @@ from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
 from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
-from opd_cli.training.data import eval_seed, rollout_seed, step_prompts
+from opd_cli.training.data import eval_seed, rollout_seed, step_indices, step_prompts
 from opd_cli.training.evaluation import evaluate
 from opd_cli.training.launch import StopRequest
 from opd_cli.training.logger import MetricsLogger, NullLogger
@@ -102,23 +102,39 @@ def outcome_scores(batch: RolloutBatch, prompts: list[str], p: Parts) -> torch.T
     return torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
 
 
+def step_batch(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> tuple[list[str], RolloutBatch]:
+    """This rank's batch of a step, and the prompts its ``prompt_index`` points into: the student's samples
+    for ``prompts``, or, from a data set (``rollout=dataset``), its share of the step's rows.
+
+    A step takes ``trainer.prompts_per_step * rollout.n`` data set rows (as many sequences as a
+    sampled step), the next positions of one seeded shuffle of the rows per epoch (``step_indices``).
+    """
+    rc = cfg.rollout
+    if isinstance(p.rollout, DatasetEngine):
+        per_step = cfg.trainer.prompts_per_step * rc.n
+        return p.rollout.batch_of(shard(step_indices(p.rollout.num_rows, per_step, step, cfg.trainer.seed), rank))
+    seed = rollout_seed(cfg.trainer.seed, step, rank.rank)
+    return prompts, p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+
+
 def opd_step(
     step: int, prompts: list[str], p: Parts, cfg, rank: Rank, samples: SampleLog | None = None
 ) -> dict[str, float]:
-    """One training step on this rank's share of the prompts; returns the job's metrics.
+    """One training step on this rank's share of the prompts (or of a data set's rows); returns the job's metrics.
 
     ``time/<phase>_s`` says where the step's wall time went: rollout, teacher scoring,
     student forward + backward (with the objective and diagnostics), optimizer, and
-    the weight push into a separate rollout engine.
+    the weight push into a separate rollout engine. Without a teacher (``sft``) nothing is scored.
     """
-    trainer, rc, lc = p.trainer, cfg.rollout, cfg.loss
+    trainer, lc = p.trainer, cfg.loss
     clock = PhaseClock(trainer.model.device)
     with clock.phase("rollout"):
-        seed = rollout_seed(cfg.trainer.seed, step, rank.rank)
-        batch = p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+        prompts, batch = step_batch(step, prompts, p, cfg, rank)
         p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     with clock.phase("teacher"):
-        support = p.teacher.score(batch, teacher_k(lc), keep_hidden="full" in p.objective.teacher_needs)
+        support = None
+        if p.teacher is not None:
+            support = p.teacher.score(batch, teacher_k(lc), keep_hidden="full" in p.objective.teacher_needs)
     if samples is not None and samples.due(step):  # logger.samples_every: a few responses to samples.jsonl
         samples.train(step, prompts, batch, support, p.rollout)
     with clock.phase("student"):
@@ -189,6 +205,10 @@ def step_metrics(
         **{f"time/{k}_s": clock.seconds.get(k, 0.0) for k in PHASES},
     )
     return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -289,19 +309,24 @@ def train(cfg, run_dir: Path) -> dict:
         raise Stopped(step)
 
     try:
-        if "acc_teacher" not in state:
-            log.info("evaluating the teacher and the student before training")
-            state["acc_teacher"] = evaluated(
-                p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, 0, "eval_teacher", by_teacher=True
-            )
+        if "acc_before" not in state:
+            # no teacher is loaded for an objective that needs nothing from it (sft): no teacher accuracy
+            state["acc_teacher"] = None
+            log.info("evaluating %sthe student before training", "" if p.teacher is None else "the teacher and ")
+            if p.teacher_sampler is not None:
+                state["acc_teacher"] = evaluated(
+                    p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, 0, "eval_teacher", by_teacher=True
+                )
             state["acc_before"] = evaluate_student(0)
-            logger.log(0, {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]})
+            at_start = {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]}
+            logger.log(0, {k: v for k, v in at_start.items() if v is not None})
             if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
                 stop_here(0, saved=False)
-        log.info("accuracy: teacher %.3f, student %.3f", state["acc_teacher"], state["acc_before"])
+        log.info("accuracy: teacher %s, student %.3f", _fmt(state["acc_teacher"]), state["acc_before"])
         acc = state.get("acc_last", state["acc_before"])
         steps = range(start + 1, cfg.trainer.max_steps + 1)
-        with Progress(cfg.trainer.max_steps, "OPD", unit="steps", initial=start) as bar:
+        desc = "OPD" if p.teacher is not None else "SFT"
+        with Progress(cfg.trainer.max_steps, desc, unit="steps", initial=start) as bar:
             for step in steps:
                 prompts = shard(
                     step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank
@@ -315,18 +340,21 @@ def train(cfg, run_dir: Path) -> dict:
                             p.rollout, b.problems, b.prompts, b.checker, step, f"eval/{name}"
                         )
                 logger.log(step, metrics)
-                bar.update(1, loss=f"{metrics['loss']:.3f}", gap=f"{metrics['logprob_gap']:.2f}", acc=f"{acc:.2f}")
+                shown = {"loss": f"{metrics['loss']:.3f}", "acc": f"{acc:.2f}"}
+                if "logprob_gap" in metrics:  # a teacher scored the step
+                    shown["gap"] = f"{metrics['logprob_gap']:.2f}"
+                bar.update(1, **shown)
                 saved = last or bool(cfg.trainer.save_every and step % cfg.trainer.save_every == 0)
                 if saved:
                     save(p, run_dir, step, state)
                 if not last and stop.requested():  # asked after the save too: a SIGTERM during it stops here
                     stop_here(step, saved)
-        after = state.get("acc_last", state["acc_before"])
+        after, teacher = state.get("acc_last", state["acc_before"]), state["acc_teacher"]
         summary = {
             "acc_before": state["acc_before"],
             "acc_after": after,
-            "acc_teacher": state["acc_teacher"],
-            "gap_recovery": gap_recovery(after, state["acc_teacher"], state["acc_before"]),
+            "acc_teacher": teacher,
+            "gap_recovery": None if teacher is None else gap_recovery(after, teacher, state["acc_before"]),
             "step": cfg.trainer.max_steps,
         }
         if rank.main:

@@ -9,7 +9,9 @@ it, the gold answer and the checker's verdict, the response length in tokens (up
 including EOS), whether it hit the length limit, and the mean log-prob of the sampled tokens
 under the student (the sampler's recorded ``old_logprobs``) and the teacher (its
 ``sampled_logprob``, the one the loss uses). At an evaluation only the model that samples has
-log-probs: the student's, or at ``eval_teacher`` the teacher's (the other is null). ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
+log-probs: the student's, or at ``eval_teacher`` the teacher's (the other is null). In SFT no
+teacher is loaded, and a data set's responses (``rollout=dataset``) have no student log-probs:
+nothing sampled them. ``logger.samples_tokens`` adds the first that many token ids with both log-probs.
 
 Rank 0 writes the samples of its own share of a step's prompts: a sample needs no other rank's
 share, so sampling adds no communication between ranks. Every rank evaluates the same problems,
@@ -70,6 +72,8 @@ def sample_rows(
     lengths = batch.response_mask.sum(1)
     offsets = [0, *lengths.cumsum(0).tolist()]
     sampler = batch.old_logprobs[batch.response_mask]  # flat, row-major, like the teacher's
+    if sampler.isnan().any():  # a data set's responses (rollout=dataset): no sampler log-probs
+        sampler = None
     student, teacher_logprob = (None, sampler) if by_teacher else (sampler, teacher_logprob)
     out = []
     for r, text in zip(rows, texts, strict=True):
@@ -156,10 +160,11 @@ class SampleLog:
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def train(self, step: int, prompts: list[str], batch: RolloutBatch, support: TeacherSupport, engine) -> None:
+    def train(self, step: int, prompts: list[str], batch: RolloutBatch, support: TeacherSupport | None, engine) -> None:
+        """A step's rows; ``support`` None where no teacher scored them (``sft``)."""
         rows = pick_rows(batch.prompt_index, self.per_step)
         texts = engine.decode_responses(batch.select(torch.tensor(rows)))  # as outcome_scores decodes them
-        teacher = support.sampled_logprob.detach().float().cpu()
+        teacher = None if support is None else support.sampled_logprob.detach().float().cpu()
         out = sample_rows(
             step, "train", prompts, batch, rows, texts, self.train_answers.get, self.checker, teacher, self.max_tokens
         )
