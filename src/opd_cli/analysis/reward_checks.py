@@ -42,7 +42,7 @@ UNUSED_TEACHER_KEYS = {"backend": "hf", "url": None, "shard": False, "temperatur
 
 def teacher_names(cfg: Any) -> list[str]:
     """The teachers a study compares: ``teachers``, or the one ``teacher.name_or_path`` names."""
-    return list(cfg.teachers) if cfg.get("teachers") else [cfg.teacher.name_or_path]
+    return list(cfg.teachers) if cfg.get("teachers") is not None else [cfg.teacher.name_or_path]
 
 
 def check_rollout_overrides(overrides: list[str]) -> None:
