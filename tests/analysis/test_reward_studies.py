@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd_cli.analysis.reward_studies import continue_prefixes, sample_study, teacher_rewards
+from opd_cli.analysis.reward_studies import CONTINUATION_SEED, continue_prefixes, sample_study, teacher_rewards
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.tasks.problems import arith_problems
 from opd_cli.teacher.hf import HFTeacher
@@ -78,9 +78,11 @@ def test_continuations_follow_the_given_ids_and_are_judged_with_their_prefix(sam
     got = continue_prefixes(engine, tiny_tokenizer, inputs, cut, ["a", "b", "a"], checker, cfg, "test")
     assert [len(g) for g in got] == [2, 2, 2] and [[c["correct"] for c in g] for g in got] == [[1, 1], [0, 0], [1, 1]]
     for i, g in enumerate(got):
+        # the call that continued prefix i (one per call), again: the judged text is prefix + continuation ids
+        batch = engine.generate_ids(inputs[i : i + 1], 2, 1.0, 1.0, 10, cfg.seed + CONTINUATION_SEED + i)
         for j, c in enumerate(g):
-            text, _ = judged[2 * i + j]
-            assert text.startswith(tiny_tokenizer.decode(cut[i], skip_special_tokens=True)) and text.endswith(c["text"])
+            ids = batch.input_ids[j][batch.response_mask[j]].tolist()
+            assert c["text"] == judged[2 * i + j][0] == tiny_tokenizer.decode(cut[i] + ids, skip_special_tokens=True)
     # seeded: the same continuations again
     again = continue_prefixes(engine, tiny_tokenizer, inputs, cut, ["a", "b", "a"], checker, cfg, "test")
     assert again == got

@@ -305,8 +305,8 @@ def continue_prefixes(
     engine, tokenizer, inputs, prefixes, answers, checker: Checker, cfg, desc: str
 ) -> list[list[dict]]:
     """``continuations`` continuations of each prompt + prefix (``inputs``, token ids), each judged as the
-    prefix (``prefixes``, token ids) and the continuation decoded together against ``answers``: per input,
-    ``[{"text": the continuation, "correct": verdict}]``."""
+    prefix (``prefixes``, token ids) and the continuation decoded together (decoded apart, a character split
+    between them would be lost) against ``answers``: per input, ``[{"text": what was judged, "correct": ...}]``."""
     k = cfg.continuations
     out: list[list[dict]] = [[] for _ in inputs]
     with Progress(len(inputs) * k, desc, unit="continuations") as bar:
@@ -316,8 +316,7 @@ def continue_prefixes(
             for r, (_, ids) in enumerate(batch_rows(batch)):
                 i = s + r // k
                 text = tokenizer.decode(prefixes[i] + ids, skip_special_tokens=True)
-                cont = tokenizer.decode(ids, skip_special_tokens=True)
-                out[i].append({"text": cont, "correct": bool(checker(text, answers[i]))})
+                out[i].append({"text": text, "correct": bool(checker(text, answers[i]))})
             bar.update((e - s) * k)
     return out
 
