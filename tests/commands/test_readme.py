@@ -43,6 +43,10 @@ PLAN = {
     "opd-report runs/base runs/new 'metrics=[loss,eval/acc]' band=std out=paper/fig3": ("run", "report"),
     "make study-variance": ("covered", "tests/commands/test_study.py::test_tiny_study_writes_every_output"),
     "opd-study variance horizon=40 'gammas=[0,1]' iterations=1000": ("run", "study"),
+    "opd-study auroc 'teachers=[demo:teacher,demo:student]' n=16": (
+        "covered", "tests/commands/test_reward_studies.py::test_auroc_study_writes_every_output"),
+    "opd-study reward-depth 'depths=[4,8,16]' continuations=8": (
+        "covered", "tests/commands/test_reward_studies.py::test_reward_depth_study_writes_every_output"),
     "opd-train rollout=vllm teacher.backend=vllm": ("covered", "tests/models/test_vllm.py::test_cli_with_vllm_rollouts_and_teacher"),
     "opd-train rollout=vllm teacher.backend=vllm trainer=zero2 trainer.nproc_per_node=2": (
         "covered", "tests/models/test_vllm.py::test_cli_with_vllm_on_two_ranks"),
