@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from opd_cli.analysis.reward_studies import CONTINUATION_SEED, continue_prefixes, sample_study, teacher_rewards
+from opd_cli.analysis.reward_studies import (
+    CONTINUATION_SEED,
+    auroc_markdown,
+    continue_prefixes,
+    sample_study,
+    teacher_rewards,
+)
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.tasks.problems import arith_problems
 from opd_cli.teacher.hf import HFTeacher
@@ -86,3 +92,14 @@ def test_continuations_follow_the_given_ids_and_are_judged_with_their_prefix(sam
     # seeded: the same continuations again
     again = continue_prefixes(engine, tiny_tokenizer, inputs, cut, ["a", "b", "a"], checker, cfg, "test")
     assert again == got
+
+
+@pytest.mark.parametrize("n_correct, note", [(1, "Only 1 of the responses are correct"), (50, None), (95, "Only 5 of")])
+def test_auroc_report_says_when_one_class_is_small(n_correct, note):
+    settings_ = dict(model="m", engine="hf", task="arith", split="train", n_problems=10, temperature=1.0, top_p=1.0)
+    settings_ |= dict(max_new_tokens=8, seed=0, bootstrap=100)
+    result = dict(auroc=0.75, ci_low=0.6, ci_high=0.9, reward_correct=0.1, reward_wrong=-0.2)
+    data = dict(settings=settings_, n_responses=100, n_correct=n_correct, n_truncated=0, teachers={"t": result})
+    report = auroc_markdown(data)
+    assert "| t | 0.750 | [0.600, 0.900] | 0.1000 | -0.2000 |" in report
+    assert (note in report) if note else ("Only" not in report)

@@ -53,6 +53,8 @@ from opd_cli.training.data import prompt_length
 
 # response positions per chunk of teacher scoring: bounds the [chunk, vocabulary] log-probs it holds at once
 CHUNK_TOKENS = 1024
+# below this many correct (or wrong) responses, auroc.md says that the AUROC rests on few of them
+FEW = 10
 # the continuations' seeds start this far past the responses' (seed + the first problem of a call)
 CONTINUATION_SEED = 1_000_003
 
@@ -277,6 +279,13 @@ def auroc_markdown(data: dict) -> str:
             f"| {name} | {r['auroc']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['reward_correct']:.4f} "
             f"| {r['reward_wrong']:.4f} |"
         )
+    fewest = min(data["n_correct"], data["n_responses"] - data["n_correct"])
+    if fewest < FEW:
+        which = "correct" if data["n_correct"] == fewest else "wrong"
+        lines += [
+            "",
+            f"Only {fewest} of the responses are {which}: the AUROC and its interval rest on them; raise n.",
+        ]
     return "\n".join([*lines, "", "![ROC](roc.png)"]) + "\n"
 
 
