@@ -84,11 +84,16 @@ def response_mask_from(response: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and attention mask, ``[B, P]``."""
     enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]  # one call: the batch at once
-    width = max(len(e) for e in enc)
-    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((len(enc), width), dtype=torch.long)
-    for i, e in enumerate(enc):
-        ids[i, width - len(e) :] = torch.tensor(e)
+    return left_pad(enc, tokenizer.pad_token_id)
+
+
+def left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as left-padded ids and attention mask, ``[B, max length]``."""
+    width = max(len(e) for e in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, e in enumerate(rows):
+        ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
         attn[i, width - len(e) :] = 1
     return ids, attn
 

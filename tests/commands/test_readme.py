@@ -51,6 +51,10 @@ PLAN = {
         "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
     "opd-train model.name_or_path=outputs/runs/<date>/<time>/checkpoints/step_000100/model": (
         "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
+    "opd-study auroc 'teachers=[demo:teacher,demo:student]' n=16": (
+        "covered", "tests/commands/test_reward_studies.py::test_auroc_study_writes_every_output"),
+    "opd-study reward-depth 'depths=[4,8,16]' continuations=8": (
+        "covered", "tests/commands/test_reward_studies.py::test_reward_depth_study_writes_every_output"),
     "opd-train rollout=vllm teacher.backend=vllm": ("covered", "tests/models/test_vllm.py::test_cli_with_vllm_rollouts_and_teacher"),
     "opd-train rollout=vllm teacher.backend=vllm trainer=zero2 trainer.nproc_per_node=2": (
         "covered", "tests/models/test_vllm.py::test_cli_with_vllm_on_two_ranks"),

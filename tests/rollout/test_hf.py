@@ -106,3 +106,17 @@ def test_rollout_records_the_sampler_entropy(tiny_model, tiny_tokenizer):
         torch.testing.assert_close(batch.entropy[row][batch.response_mask[row]].double(), want, atol=1e-4, rtol=0)
         assert batch.entropy[row][~batch.response_mask[row]].eq(0).all()
     assert batch.select(torch.tensor([1, 2])).entropy.shape == batch.select(torch.tensor([1, 2])).input_ids.shape
+
+
+def test_generate_ids_continues_given_ids_as_generate_does_text(tiny_model, tiny_tokenizer):
+    engine = HFRollout(tiny_model, tiny_tokenizer)
+    from_text = engine.generate(PROMPTS, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=3)
+    ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    from_ids = engine.generate_ids(ids, n=2, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=3)
+    for name in ("input_ids", "attention_mask", "response_mask", "old_logprobs", "truncated", "prompt_index"):
+        assert getattr(from_ids, name).equal(getattr(from_text, name)), name
+    # a prompt and the start of a response, continued: the sampled tokens follow the given ones
+    prefix = from_text.input_ids[0][from_text.attention_mask[0].bool()].tolist()[: len(ids[0]) + 3]
+    cont = engine.generate_ids([prefix], n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, seed=0)
+    assert cont.input_ids[0, cont.prompt_len - len(prefix) : cont.prompt_len].tolist() == prefix
+    assert cont.response_mask[0, cont.prompt_len :].any()

@@ -281,8 +281,44 @@ class TeacherRolloutsConfig:
     device: str = "auto"
 
 
+@dataclass
+class RewardStudyConfig(RunConfig):
+    """What ``opd-study auroc`` and ``opd-study reward-depth`` share: the student's sampled responses."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    split: str = "train"
+    n_problems: int = 64
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 512
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class AurocStudyConfig(RewardStudyConfig):
+    """``opd-study auroc`` (conf/study_auroc.yaml documents each key)."""
+
+    teachers: list[str] | None = None
+
+
+@dataclass
+class RewardDepthStudyConfig(RewardStudyConfig):
+    """``opd-study reward-depth`` (conf/study_reward_depth.yaml documents each key)."""
+
+    depths: list[int] = field(default_factory=lambda: [8, 16, 32])
+    continuations: int = 4
+    min_response_tokens: int = 0
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="study_variance_schema", node=VarianceStudyConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     ConfigStore.instance().store(name="data_teacher_rollouts_schema", node=TeacherRolloutsConfig)
+    ConfigStore.instance().store(name="study_auroc_schema", node=AurocStudyConfig)
+    ConfigStore.instance().store(name="study_reward_depth_schema", node=RewardDepthStudyConfig)

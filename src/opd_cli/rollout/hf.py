@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, position_ids
+from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, left_pad, position_ids
 from opd_cli.dist import all_reduce
 from opd_cli.models.decoding import prefill
 
@@ -151,6 +151,17 @@ class HFRollout(TokenizerDecoding):
     ) -> RolloutBatch:
         """``n`` samples for each prompt, the samples of one prompt adjacent."""
         ids, attn = encode_prompts(self.tokenizer, prompts)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        """``generate`` from prompts given as token ids (e.g. a prompt and the start of a response, to continue)."""
+        ids, attn = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    @torch.no_grad()
+    def _sample(self, ids, attn, n, temperature, top_p, max_new_tokens, seed) -> RolloutBatch:
         device = self.model.device
         generator = torch.Generator(device=device).manual_seed(seed)
         was_training = self.model.training

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts
+from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, left_pad
 from opd_cli.models.student import export_state_dict
 from opd_cli.models.vllm import EngineMemory, _push
 
@@ -34,13 +34,23 @@ class VLLMRollout(TokenizerDecoding):
     def generate(
         self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
     ) -> RolloutBatch:
+        ids, attn = encode_prompts(self.tokenizer, prompts)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        """``generate`` from prompts given as token ids (e.g. a prompt and the start of a response, to continue)."""
+        ids, attn = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    def _sample(self, ids, attn, n, temperature, top_p, max_new_tokens, seed) -> RolloutBatch:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self.memory.wake()
-        ids, attn = encode_prompts(self.tokenizer, prompts)
         requests, params = [], []
-        for i in range(len(prompts)):
+        for i in range(ids.shape[0]):
             prompt = TokensPrompt(prompt_token_ids=ids[i][attn[i].bool()].tolist())
             for j in range(n):
                 requests.append(prompt)
