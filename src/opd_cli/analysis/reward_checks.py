@@ -27,7 +27,7 @@ from opd_cli.config.validate import (
 from opd_cli.errors import UserError
 from opd_cli.models.loading import DTYPES
 from opd_cli.models.preflight import check_hub_reachable, offline
-from opd_cli.rollout.registry import ROLLOUT_ENGINES
+from opd_cli.rollout.registry import SAMPLING_ENGINES
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data
 from opd_cli.tasks.prompts import check_template
@@ -151,7 +151,7 @@ def validate_study(cfg: Any, study: str, overrides: list[str] = ()) -> None:
     check_rollout_overrides(list(overrides))
     allowed = {
         "split": SPLITS,
-        "rollout.engine": tuple(ROLLOUT_ENGINES),
+        "rollout.engine": SAMPLING_ENGINES,
         "model.dtype": tuple(DTYPES),
         "teacher.dtype": tuple(DTYPES),
         "device": DEVICES,

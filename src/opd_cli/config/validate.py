@@ -39,7 +39,7 @@ from opd_cli.objectives.divergence import KNOB_CHOICES
 from opd_cli.objectives.masks import MASK_MODES
 from opd_cli.objectives.registry import OBJECTIVES, make_objective, needs_teacher
 from opd_cli.rollout.dataset import open_dataset
-from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES
+from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES, SAMPLING_ENGINES
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, task_config
 from opd_cli.tasks.prompts import check_template
@@ -521,8 +521,7 @@ def validate_evaluate(cfg: Any, overrides: list[str] = ()) -> None:
             "model.lora.enabled: opd-eval evaluates a model as saved (a LoRA checkpoint's model/ directory loads as is)"
         )
     # opd-eval samples: an engine that reads a data set instead (rollout=dataset) has nothing to evaluate
-    sampling = tuple(e for e in ROLLOUT_ENGINES if e not in DATA_ENGINES)
-    allowed = {**choices(), "device": DEVICES, "rollout.engine": sampling}
+    allowed = {**choices(), "device": DEVICES, "rollout.engine": SAMPLING_ENGINES}
     for key in ("rollout.engine", "model.dtype", "device"):
         if _get(cfg, key) not in allowed[key]:
             raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed[key])}")
@@ -556,7 +555,7 @@ def validate_data(cfg: Any, overrides: list[str] = ()) -> None:
     """``opd-data teacher-rollouts``' checks; ``overrides`` are the command line's, so that a rollout or
     teacher key it would not read is refused instead of ignored."""
     refuse_unused_keys(overrides, "opd-data teacher-rollouts", DATA_USED, "data", DATA_INSTEAD)
-    allowed = {**choices(), "device": DEVICES}
+    allowed = {**choices(), "device": DEVICES, "rollout.engine": SAMPLING_ENGINES}
     for key in ("rollout.engine", "teacher.dtype", "task.name", "device"):
         if _get(cfg, key) not in allowed[key]:
             raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed[key])}")

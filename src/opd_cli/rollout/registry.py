@@ -65,6 +65,8 @@ ROLLOUT_ENGINES: dict[str, Callable[[Any, RolloutSpec], RolloutEngine]] = {
 }
 # the engines whose training batches are a data set's rows, not the student's samples (``DatasetEngine``)
 DATA_ENGINES = frozenset({"dataset"})
+# the engines that sample (the commands that need samples, opd-eval, opd-data, opd-study, take only these)
+SAMPLING_ENGINES = tuple(e for e in ROLLOUT_ENGINES if e not in DATA_ENGINES)
 
 
 def make_rollout(rc, spec: RolloutSpec) -> RolloutEngine:
