@@ -141,6 +141,28 @@ class TokenizerDecoding:
         return decode_responses(self.tokenizer, batch)
 
 
+class PromptSampling(TokenizerDecoding):
+    """``generate`` (prompts as text) and ``generate_ids`` (as token ids) for an engine whose ``_sample``
+    samples from left-padded prompt ids and their attention mask."""
+
+    def generate(
+        self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        """``n`` samples for each prompt, the samples of one prompt adjacent."""
+        ids, attn = encode_prompts(self.tokenizer, prompts)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> RolloutBatch:
+        """``generate`` from prompts given as token ids (e.g. a prompt and the start of a response, to continue)."""
+        ids, attn = left_pad(prompt_ids, self.tokenizer.pad_token_id)
+        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
+
+    def _sample(self, ids, attn, n, temperature, top_p, max_new_tokens, seed) -> RolloutBatch:
+        raise NotImplementedError
+
+
 def decode_responses(tokenizer, batch: RolloutBatch) -> list[str]:
     return [
         tokenizer.decode(row[batch.prompt_len :][m[batch.prompt_len :]], skip_special_tokens=True)

@@ -21,12 +21,12 @@ from opd_cli.config.validate import (
     check_added_keys,
     check_models,
     check_question_regex,
+    check_task_source,
     checks_end_the_process,
     sweep_points,
 )
 from opd_cli.errors import UserError
 from opd_cli.models.loading import DTYPES
-from opd_cli.models.preflight import check_hub_reachable, offline
 from opd_cli.rollout.registry import SAMPLING_ENGINES
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data
@@ -111,12 +111,7 @@ def check_depths(depths: list[int], max_new_tokens: int) -> None:
 
 def check_task(cfg: Any) -> None:
     task = cfg.task
-    if task.name == "hub" and not (task.dataset or task.path):
-        raise UserError("task.dataset: a hub task needs task.dataset or task.path")
-    if task.name == "hub" and not task.path and not offline():
-        check_hub_reachable(task.dataset, "task.dataset")
-    if task.path and not Path(task.path).exists():
-        raise UserError(f"task.path: file not found: {task.path}")
+    check_task_source(task)
     if task.eval_only and cfg.split == "train":
         raise UserError(
             f"split: '{task.path or task.dataset}' is an evaluation benchmark (every row held out); set split=held_out"

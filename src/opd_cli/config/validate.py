@@ -301,18 +301,23 @@ def check_question_regex(pattern: str | None) -> None:
         raise UserError("task.question_regex: needs a named group (?P<question>...)")
 
 
-def check_training_task(task: Any) -> None:
-    """The ``task`` whose training split a command reads: its data (a local file's every row, and
-    ``task.n_eval`` against the row count), template, question regex and checker."""
-    if task.eval_only:
-        where = task.path or task.dataset
-        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
+def check_task_source(task: Any) -> None:
+    """Where the ``task``'s rows come from: a hub data set (reachable unless offline) or a local file."""
     if task.name == "hub" and not (task.dataset or task.path):
         raise UserError("task.dataset: a hub task needs task.dataset or task.path")
     if task.name == "hub" and not task.path and not offline():
         check_hub_reachable(task.dataset, "task.dataset")
     if task.path and not Path(task.path).exists():
         raise UserError(f"task.path: file not found: {task.path}")
+
+
+def check_training_task(task: Any) -> None:
+    """The ``task`` whose training split a command reads: its data (a local file's every row, and
+    ``task.n_eval`` against the row count), template, question regex and checker."""
+    if task.eval_only:
+        where = task.path or task.dataset
+        raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
+    check_task_source(task)
     check_template(task.template)
     check_question_regex(task.question_regex)
     resolve_checker(task.checker)

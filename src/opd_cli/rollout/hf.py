@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, left_pad, position_ids
+from opd_cli.batch import PromptSampling, RolloutBatch, build_batch, position_ids
 from opd_cli.dist import all_reduce
 from opd_cli.models.decoding import prefill
 
@@ -128,7 +128,7 @@ def sample_responses(
     return tokens[:, : t + 1], logps[:, : t + 1], None if ents is None else ents[:, : t + 1]
 
 
-class HFRollout(TokenizerDecoding):
+class HFRollout(PromptSampling):
     """Sampling from the live transformers model with ``sample_responses`` (our decoding loop)."""
 
     def __init__(self, model, tokenizer, sharded: bool = False, entropy: bool = False) -> None:
@@ -138,27 +138,6 @@ class HFRollout(TokenizerDecoding):
         self.sharded = sharded
         # record each response token's sampler entropy (loss.entropy_top_ratio)
         self.entropy = entropy
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        seed: int,
-    ) -> RolloutBatch:
-        """``n`` samples for each prompt, the samples of one prompt adjacent."""
-        ids, attn = encode_prompts(self.tokenizer, prompts)
-        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
-
-    def generate_ids(
-        self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> RolloutBatch:
-        """``generate`` from prompts given as token ids (e.g. a prompt and the start of a response, to continue)."""
-        ids, attn = left_pad(prompt_ids, self.tokenizer.pad_token_id)
-        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
 
     @torch.no_grad()
     def _sample(self, ids, attn, n, temperature, top_p, max_new_tokens, seed) -> RolloutBatch:

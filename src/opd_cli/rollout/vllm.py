@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from opd_cli.batch import RolloutBatch, TokenizerDecoding, build_batch, encode_prompts, left_pad
+from opd_cli.batch import PromptSampling, RolloutBatch, build_batch
 from opd_cli.models.student import export_state_dict
 from opd_cli.models.vllm import EngineMemory, _push
 
 
-class VLLMRollout(TokenizerDecoding):
+class VLLMRollout(PromptSampling):
     """Sampling with vLLM: one request per sample, each with its own seed.
 
     ``memory`` (sleep mode): ``release()`` after a training rollout gives the engine's GPU
@@ -30,19 +30,6 @@ class VLLMRollout(TokenizerDecoding):
 
     def release(self) -> None:
         self.memory.release()
-
-    def generate(
-        self, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> RolloutBatch:
-        ids, attn = encode_prompts(self.tokenizer, prompts)
-        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
-
-    def generate_ids(
-        self, prompt_ids: list[list[int]], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
-    ) -> RolloutBatch:
-        """``generate`` from prompts given as token ids (e.g. a prompt and the start of a response, to continue)."""
-        ids, attn = left_pad(prompt_ids, self.tokenizer.pad_token_id)
-        return self._sample(ids, attn, n, temperature, top_p, max_new_tokens, seed)
 
     def _sample(self, ids, attn, n, temperature, top_p, max_new_tokens, seed) -> RolloutBatch:
         from vllm import SamplingParams
