@@ -164,7 +164,7 @@ def test_every_base_key_has_a_comment():
     files = [CONF / "train.yaml"] + sorted(CONF.glob("*/_base.yaml")) + [CONF / "rollout/hf.yaml"]
     files += [CONF / "logger/wandb.yaml"] + sorted(CONF.glob("trainer/zero*.yaml"))
     files += [CONF / "evaluate.yaml", CONF / "demo/default.yaml", CONF / "paths/default.yaml"]
-    files += [CONF / "data_teacher_rollouts.yaml"]
+    files += [CONF / "data_teacher_rollouts.yaml", CONF / "data_aligned_prompts.yaml"]
     undocumented = {str(f.relative_to(CONF)): _documented_keys(f) for f in files}
     # structural keys of the hydra section are grouped under a commented parent
     undocumented = {
@@ -219,7 +219,7 @@ def papers_doc_rows():
 def test_papers_doc_matches_the_presets():
     """Every value docs/papers.md gives for a preset is what --cfg job composes (baselines inherit)."""
     rows = papers_doc_rows()
-    parents = {"paper_a_baseline": "paper_a_lsm"}
+    parents = {"paper_a_baseline": "paper_a_lsm", "paper_b_aligned_prompts": "paper_b_topk"}
     checked, composed = {}, {}
     for preset, key, value in rows:
         if preset not in composed:  # one composition per preset, not per row (0.12 s each)
