@@ -112,3 +112,41 @@ def test_two_steps_on_the_demo_with_a_mix_log_the_realised_shares(tmp_path, mode
     expected = [mix_counts([0.5, 0.5], 4, s, 42) for s in (1, 2)]
     for m, (task, aligned) in zip(steps, expected, strict=True):
         assert (m["data/mix_task"], m["data/mix_aligned"]) == (task / 4, aligned / 4)
+
+
+def test_other_commands_refuse_the_training_only_task_keys(two_files):
+    from hydra import compose, initialize_config_dir
+
+    from opd_cli.config.schema import register_configs
+    from opd_cli.config.validate import validate_aligned, validate_data
+
+    register_configs()
+    mix = f"task.mix=[{{path: {two_files / 'aligned.jsonl'}, weight: 0.5}}]"
+    for name, check in (("data_teacher_rollouts", validate_data), ("data_aligned_prompts", validate_aligned)):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfgs = [compose(config_name=name, overrides=[o]) for o in (mix, "task.chat_template_from=teacher")]
+        with pytest.raises(UserError, match=r"^task\.mix: only opd-train mixes"):
+            check(cfgs[0])
+        with pytest.raises(UserError, match=r"^task\.chat_template_from: only opd-train"):
+            check(cfgs[1])
+
+
+@pytest.mark.integration
+def test_a_resumed_mixed_run_draws_what_the_uninterrupted_run_drew(tmp_path, models_dir):
+    rows = [f'{{"question": "Zed has {a} pens and gets 11 more. How many pens?", "answer": "{a + 11}"}}' for a in
+            range(10, 17)]  # fmt: skip
+    (tmp_path / "aligned.jsonl").write_text("\n".join(rows) + "\n")
+    mix = f"task.mix=[{{path: {tmp_path / 'aligned.jsonl'}, weight: 0.4}}]"
+    short = ["logger=none", "eval.n_problems=2", "eval.k=1", "trainer.save_every=2", mix]
+    full, part = tmp_path / "full", tmp_path / "part"
+    for run_dir, steps in ((full, 4), (part, 2)):
+        out = subprocess.run(cli_argv(run_dir, models_dir, f"trainer.max_steps={steps}", *short),
+                             capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=600)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    argv = [*cli_argv(part, models_dir, "trainer.max_steps=4", *short), "trainer.resume=true"]
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = ("data/mix_task", "data/mix_aligned", "loss", "entropy")
+    a = [{k: m[k] for k in keys} for m in metrics(full) if m["step"] > 0]
+    b = [{k: m[k] for k in keys} for m in metrics(part) if m["step"] > 2]
+    assert b == [pytest.approx(x, rel=1e-4, abs=1e-6) for x in a[2:]]

@@ -321,6 +321,14 @@ def check_training_task(task: Any) -> None:
     check_task_data(task)
 
 
+def refuse_training_only_task_keys(task: Any, command: str) -> None:
+    """``task.mix`` and ``task.chat_template_from`` shape opd-train's prompts; another command would ignore them."""
+    if task.mix:
+        raise UserError(f"task.mix: only opd-train mixes prompt sources; {command} reads the task's own problems")
+    if task.chat_template_from != "student":
+        raise UserError(f"task.chat_template_from: only opd-train switches the student's chat template ({command})")
+
+
 def check_mix(cfg: Any) -> None:
     """``task.mix``: each source's weight in (0, 1) with the task's own share (1 minus their sum) above 0,
     names that differ, every row of each file readable with the task's keys, and a sampling engine."""
@@ -611,6 +619,7 @@ def validate_data(cfg: Any, overrides: list[str] = ()) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda asked for, but torch sees no CUDA device; use device=auto or cpu")
     check_training_task(cfg.task)
+    refuse_training_only_task_keys(cfg.task, "opd-data teacher-rollouts (the teacher's own template)")
     check_models(cfg, ("teacher.name_or_path",))
 
 
@@ -631,6 +640,7 @@ def validate_aligned(cfg: Any, overrides: list[str] = ()) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda asked for, but torch sees no CUDA device; use device=auto or cpu")
     check_training_task(cfg.task)
+    refuse_training_only_task_keys(cfg.task, "opd-data aligned-prompts")
     if not cfg.reference.path:
         raise UserError("reference.path: give the teacher's post-training prompts, a local jsonl or parquet file")
     read_texts(cfg.reference.path, cfg.reference.question_key)
