@@ -1,6 +1,7 @@
 """Every preset composes and validates; validation names the key; every key is documented; the
 training precision resolves as documented. The CLI's one-line errors are in tests/commands/test_train.py."""
 
+import json
 import re
 import shutil
 import time
@@ -35,6 +36,10 @@ def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_pat
     extra = []
     if companion := COMPANIONS.get((group, preset)):
         extra = [companion, f"rollout.path={write_sft_data(tmp_path / 'data', 4)}"]
+    if (group, preset) == ("experiment", "paper_b_aligned_prompts"):  # its aligned prompts: a file of the user's
+        row = {"prompt": [{"content": "What is 1+1?"}], "reward_model": {"ground_truth": "2"}}
+        (tmp_path / "aligned.jsonl").write_text(json.dumps(row) + "\n")
+        extra = [f"task.mix.0.path={tmp_path / 'aligned.jsonl'}"]
     cfg = compose_cfg([f"{group}={preset}", *extra])
     if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
         validate(cfg)
