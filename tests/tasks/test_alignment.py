@@ -3,6 +3,7 @@ whose order is obvious, and the refusals of opd-data aligned-prompts."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ def unit(deg: float) -> list[float]:
 
 def test_candidates_are_ranked_by_their_nearest_reference_vector():
     reference = torch.tensor([unit(0), unit(90)])
-    # angles to the nearest reference vector: 10, 40, 5 (from 90), 45, 80 (from 0, its nearest of the two... 80 vs 10)
+    # angles to the nearest reference vector: 10, 40, 5 (to 90), 45 (a tie), 90 (to 90)
     candidates = torch.tensor([unit(10), unit(40), unit(95), unit(45), unit(180)])
     scores = similarity_scores(candidates, reference)
     assert scores.tolist() == pytest.approx([math.cos(math.radians(a)) for a in (10, 40, 5, 45, 90)], abs=1e-6)
@@ -139,7 +140,7 @@ def test_aligned_prompts_keeps_the_math_problems_and_writes_every_output(tmp_pat
         out = aligned(tmp_path, *common, *args, f"hydra.run.dir={tmp_path / 'refused'}")
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1, (args, out.stderr[-2000:])
-        assert __import__("re").search(message, lines[0]), lines[0]
+        assert re.search(message, lines[0]), lines[0]
         assert not (tmp_path / "refused").exists()
     # a reference set that does not overlap the task: refused in one line, with no output written
     out = aligned(tmp_path, *common, f"reference.path={tmp_path / 'french.jsonl'}", "reference.question_key=q",
