@@ -144,4 +144,6 @@ def test_an_unknown_data_set_is_a_usage_line():
     out = subprocess.run(
         [sys.executable, "-m", "opd_cli.commands.data", "nope"], capture_output=True, text=True, cwd=REPO, env=CLI_ENV
     )
-    assert out.returncode == 2 and out.stderr == "error: usage: opd-data {teacher-rollouts} [overrides]\n"
+    assert (
+        out.returncode == 2 and out.stderr == "error: usage: opd-data {teacher-rollouts,aligned-prompts} [overrides]\n"
+    )

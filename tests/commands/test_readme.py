@@ -75,6 +75,14 @@ PLAN = {
     "opd-data teacher-rollouts data.n=4 data.max_new_tokens=64": ("run", "data"),
     "opd-data teacher-rollouts teacher=qwen3-8b task=dapo_math rollout=vllm data.n=4 data.max_new_tokens=7168 "
     "data.drop_incorrect=true": ("refused", TEACHER_HUB_OFFLINE),
+    "opd-data aligned-prompts reference.path=teacher_prompts.jsonl select.fraction=0.3": (
+        "covered", "tests/tasks/test_alignment.py::test_aligned_prompts_keeps_the_math_problems_and_writes_every_output"),
+    "opd-train 'task.mix=[{path: outputs/data/<date>/<time>/problems.jsonl, weight: 0.5}]'": (
+        "covered", "tests/training/test_mix.py::test_two_steps_on_the_demo_with_a_mix_log_the_realised_shares"),
+    "opd-train task.chat_template=true task.chat_template_from=teacher": (
+        "covered", "tests/tasks/test_chat_template_from.py::test_a_run_trains_and_evaluates_on_the_teacher_template"),
+    "opd-train experiment=paper_b_aligned_prompts task.mix.0.path=aligned/problems.jsonl": (
+        "refused", r"^error: task\.mix\.0\.path: file not found: aligned/problems\.jsonl"),
 }  # fmt: skip
 
 

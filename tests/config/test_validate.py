@@ -1,6 +1,7 @@
 """Every preset composes and validates; validation names the key; every key is documented; the
 training precision resolves as documented. The CLI's one-line errors are in tests/commands/test_train.py."""
 
+import json
 import re
 import shutil
 import time
@@ -35,6 +36,10 @@ def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_pat
     extra = []
     if companion := COMPANIONS.get((group, preset)):
         extra = [companion, f"rollout.path={write_sft_data(tmp_path / 'data', 4)}"]
+    if (group, preset) == ("experiment", "paper_b_aligned_prompts"):  # its aligned prompts: a file of the user's
+        row = {"prompt": [{"content": "What is 1+1?"}], "reward_model": {"ground_truth": "2"}}
+        (tmp_path / "aligned.jsonl").write_text(json.dumps(row) + "\n")
+        extra = [f"task.mix.0.path={tmp_path / 'aligned.jsonl'}"]
     cfg = compose_cfg([f"{group}={preset}", *extra])
     if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
         validate(cfg)
@@ -164,7 +169,7 @@ def test_every_base_key_has_a_comment():
     files = [CONF / "train.yaml"] + sorted(CONF.glob("*/_base.yaml")) + [CONF / "rollout/hf.yaml"]
     files += [CONF / "logger/wandb.yaml"] + sorted(CONF.glob("trainer/zero*.yaml"))
     files += [CONF / "evaluate.yaml", CONF / "demo/default.yaml", CONF / "paths/default.yaml"]
-    files += [CONF / "data_teacher_rollouts.yaml"]
+    files += [CONF / "data_teacher_rollouts.yaml", CONF / "data_aligned_prompts.yaml"]
     undocumented = {str(f.relative_to(CONF)): _documented_keys(f) for f in files}
     # structural keys of the hydra section are grouped under a commented parent
     undocumented = {
@@ -219,7 +224,7 @@ def papers_doc_rows():
 def test_papers_doc_matches_the_presets():
     """Every value docs/papers.md gives for a preset is what --cfg job composes (baselines inherit)."""
     rows = papers_doc_rows()
-    parents = {"paper_a_baseline": "paper_a_lsm"}
+    parents = {"paper_a_baseline": "paper_a_lsm", "paper_b_aligned_prompts": "paper_b_topk"}
     checked, composed = {}, {}
     for preset, key, value in rows:
         if preset not in composed:  # one composition per preset, not per row (0.12 s each)

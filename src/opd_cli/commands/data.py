@@ -1,9 +1,13 @@
-"""``opd-data <name> [overrides]``: data sets made with the models. Now: ``teacher-rollouts``.
+"""``opd-data <name> [overrides]``: data sets made with the models: ``teacher-rollouts``, ``aligned-prompts``.
 
 ``teacher-rollouts``: the teacher samples ``data.n`` responses to each training prompt of the task
 (``rollout.engine`` samples it, HF or vLLM); the truncated, repetitive and (``data.drop_incorrect``)
 wrong ones are dropped (``training/teacher_rollouts.py``), and the rest is written as a
 ``datasets.Dataset`` (``<run dir>/data``, one row per kept response) with ``stats.json`` beside it.
+
+``aligned-prompts``: the task's training problems most like the teacher's post-training prompts
+(``reference.path``), by sentence-embedding similarity (``tasks/alignment.py``): ``problems.jsonl`` (the
+kept rows in the task's layout, for ``task.mix`` or ``task.path``), ``scores.jsonl`` and ``stats.json``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from omegaconf import DictConfig
 
 from opd_cli.batch import chunk_bounds
 from opd_cli.commands.app import CONF_DIR, run_app
-from opd_cli.config.validate import validate_data
+from opd_cli.config.validate import validate_aligned, validate_data
 from opd_cli.dist import Rank, pick_device
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.checks import check_attention_mask, choose_decoder
 from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
 from opd_cli.progress import Progress
 from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.tasks import alignment
 from opd_cli.tasks.checking import make_checker
 from opd_cli.tasks.problems import Problem, load_problems
 from opd_cli.tasks.prompts import format_prompt
@@ -42,7 +47,7 @@ from opd_cli.training.teacher_rollouts import (
     without_eos,
 )
 
-COMMANDS = ("teacher-rollouts",)
+COMMANDS = ("teacher-rollouts", "aligned-prompts")
 # the data set's columns (docs/design.md, "Teacher rollouts (opd-data)")
 COLUMNS = ("question", "answer", "response", "response_tokens", "correct", "problem", "sample")
 # what to change when every response was dropped for a reason
@@ -161,11 +166,77 @@ def _teacher_rollouts(cfg: DictConfig) -> None:
     print(json.dumps(counts), f"data: {out / 'data'}")
 
 
+def select_aligned(cfg, problems: list[Problem], embedder) -> tuple[list[int], list[float], int]:
+    """The candidates' order (best first), their scores and how many to keep; refuses a reference set that
+    no candidate reaches ``select.min_similarity`` with (it does not overlap the task)."""
+    sel = cfg.select
+    reference = alignment.read_texts(cfg.reference.path, cfg.reference.question_key)
+    texts = [alignment.problem_text(p, cfg.task.question_regex) for p in problems]
+    scores = alignment.similarity_scores(
+        alignment.embed(texts, embedder, cfg.embedding.batch_size),
+        alignment.embed(reference, embedder, cfg.embedding.batch_size),
+        sel.top_m,
+    )
+    best = float(scores.max())
+    if best < sel.min_similarity:
+        raise UserError(
+            f"select.min_similarity: no training problem reaches {sel.min_similarity} (the best scores {best:.3f}): "
+            f"the reference set {cfg.reference.path} does not overlap the task; give the teacher's prompts of this "
+            "domain, or lower select.min_similarity"
+        )
+    return alignment.ranking(scores), scores.tolist(), alignment.keep_count(len(problems), sel.fraction, sel.n)
+
+
+def run_aligned(cfg, out_dir: Path, overrides: list[str] = ()) -> dict:
+    """Score the task's training problems against the reference prompts and write the best; returns (and
+    writes) ``stats.json``'s content."""
+    validate_aligned(cfg, overrides)
+    problems = load_problems(cfg.task)[0]
+    embedder = alignment.load_embedder(cfg.embedding.model, cfg.device)
+    order, scores, n_keep = select_aligned(cfg, problems, embedder)
+    kept = order[:n_keep]
+    stats = {
+        "candidates": len(problems),
+        "kept": n_keep,
+        "below_min_similarity_kept": sum(scores[i] < cfg.select.min_similarity for i in kept),
+        "similarity": alignment.distribution(scores),
+        "similarity_kept": alignment.distribution([scores[i] for i in kept]),
+        "settings": {
+            "task": cfg.task.path or cfg.task.dataset or cfg.task.name,
+            "reference": cfg.reference.path,
+            "embedding": cfg.embedding.model,
+            **{k: v for k, v in cfg.select.items()},
+        },
+    }
+    with (out_dir / "problems.jsonl").open("w") as f:
+        for i in kept:
+            row = alignment.nested_row(
+                cfg.task.question_key, cfg.task.answer_key, problems[i].question, problems[i].answer
+            )
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with (out_dir / "scores.jsonl").open("w") as f:
+        for rank, i in enumerate(order):
+            row = {"problem": i, "rank": rank, "score": scores[i], "kept": rank < n_keep}
+            f.write(json.dumps(row | {"question": problems[i].question}, ensure_ascii=False) + "\n")
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+@hydra.main(config_path=CONF_DIR, config_name="data_aligned_prompts", version_base="1.3")
+def _aligned_prompts(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    with one_line_errors():
+        stats = run_aligned(cfg, out, list(HydraConfig.get().overrides.task))
+    print(json.dumps({k: stats[k] for k in ("candidates", "kept")}), f"prompts: {out / 'problems.jsonl'}")
+
+
+APPS = {"teacher-rollouts": _teacher_rollouts, "aligned-prompts": _aligned_prompts}
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         fail(f"usage: opd-data {{{','.join(COMMANDS)}}} [overrides]")
-    sys.argv.pop(1)
-    run_app(_teacher_rollouts)
+    run_app(APPS[sys.argv.pop(1)])
 
 
 if __name__ == "__main__":

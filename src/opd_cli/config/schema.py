@@ -96,6 +96,15 @@ class RolloutConfig:
 
 
 @dataclass
+class MixSourceConfig:
+    """One entry of ``task.mix``: a local file of extra training prompts and its share of each step."""
+
+    path: str = "???"
+    weight: float = 0.5
+    name: str | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = "arith"
     dataset: str | None = None
@@ -112,6 +121,8 @@ class TaskConfig:
     eval_only: bool = False
     seed: int = 0
     n_eval: int = 256
+    chat_template_from: str = "student"
+    mix: list[MixSourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -282,6 +293,44 @@ class TeacherRolloutsConfig:
 
 
 @dataclass
+class ReferenceConfig:
+    """``reference``: the teacher's post-training prompts, a local jsonl or parquet file."""
+
+    path: str | None = None
+    question_key: str = "question"
+
+
+@dataclass
+class EmbeddingConfig:
+    """``embedding``: the sentence-embedding model that compares prompts."""
+
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = 256
+
+
+@dataclass
+class SelectConfig:
+    """``select``: which candidates ``opd-data aligned-prompts`` keeps."""
+
+    fraction: float | None = 0.5
+    n: int | None = None
+    top_m: int = 1
+    min_similarity: float = 0.2
+
+
+@dataclass
+class AlignedPromptsConfig:
+    """``opd-data aligned-prompts``: the task's training prompts most like the teacher's post-training prompts
+    (conf/data_aligned_prompts.yaml documents each key)."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    device: str = "auto"
+
+
+@dataclass
 class RewardStudyConfig(RunConfig):
     """What ``opd-study auroc`` and ``opd-study reward-depth`` share: the student's sampled responses."""
 
@@ -320,5 +369,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="study_variance_schema", node=VarianceStudyConfig)
     ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
     ConfigStore.instance().store(name="data_teacher_rollouts_schema", node=TeacherRolloutsConfig)
+    ConfigStore.instance().store(name="data_aligned_prompts_schema", node=AlignedPromptsConfig)
     ConfigStore.instance().store(name="study_auroc_schema", node=AurocStudyConfig)
     ConfigStore.instance().store(name="study_reward_depth_schema", node=RewardDepthStudyConfig)

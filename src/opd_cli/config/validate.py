@@ -40,9 +40,10 @@ from opd_cli.objectives.masks import MASK_MODES
 from opd_cli.objectives.registry import OBJECTIVES, make_objective, needs_teacher
 from opd_cli.rollout.dataset import open_dataset
 from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES, SAMPLING_ENGINES
+from opd_cli.tasks.alignment import model_path, read_texts
 from opd_cli.tasks.checking import resolve_checker
-from opd_cli.tasks.problems import check_task_data, task_config
-from opd_cli.tasks.prompts import check_template
+from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
+from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
 from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
@@ -64,6 +65,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "teacher.backend": tuple(TEACHER_BACKENDS),
         "rollout.engine": tuple(ROLLOUT_ENGINES),
         "task.name": ("arith", "hub"),
+        "task.chat_template_from": CHAT_TEMPLATE_FROM,
         "trainer.engine": ("torch", "deepspeed"),
         "trainer.device": DEVICES,
         "trainer.lr_schedule": ("constant", "cosine"),
@@ -324,6 +326,39 @@ def check_training_task(task: Any) -> None:
     check_task_data(task)
 
 
+def refuse_training_only_task_keys(task: Any, command: str) -> None:
+    """``task.mix`` and ``task.chat_template_from`` shape opd-train's prompts; another command would ignore them."""
+    if task.mix:
+        raise UserError(f"task.mix: only opd-train mixes prompt sources; {command} reads the task's own problems")
+    if task.chat_template_from != "student":
+        raise UserError(f"task.chat_template_from: only opd-train switches the student's chat template ({command})")
+
+
+def check_mix(cfg: Any) -> None:
+    """``task.mix``: each source's weight in (0, 1) with the task's own share (1 minus their sum) above 0,
+    names that differ, every row of each file readable with the task's keys, and a sampling engine."""
+    if not cfg.task.mix:
+        return
+    if cfg.rollout.engine in DATA_ENGINES:
+        raise UserError("task.mix: mixes the prompts the student samples; rollout=dataset trains on a data set's rows")
+    for i, m in enumerate(cfg.task.mix):
+        if not 0 < m.weight < 1:
+            raise UserError(f"task.mix.{i}.weight: must be in (0, 1) (the step's share from {m.path}), got {m.weight}")
+    names, weights = mix_weights(cfg.task)
+    if weights[0] <= 0:
+        raise UserError(
+            f"task.mix: the weights add up to {sum(weights[1:]):g}; they must add up to less than 1 "
+            "(the task's own prompts get the rest)"
+        )
+    for i, name in enumerate(names[1:]):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in names[: i + 1]:
+            raise UserError(
+                f"task.mix.{i}.name: '{name}' names the metric data/mix_<name>: letters, digits, _ . - only, "
+                "and unlike the other sources' names (task is the task's own)"
+            )
+    mix_problems(cfg.task)
+
+
 def validate(cfg: Any) -> None:
     """Raise ``UserError`` naming the first key whose value is not allowed."""
     for key, allowed in choices().items():
@@ -392,14 +427,18 @@ def validate(cfg: Any) -> None:
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
     check_training_task(cfg.task)
+    check_mix(cfg)
+    if cfg.task.chat_template_from == "teacher" and not cfg.task.chat_template:
+        raise UserError(
+            "task.chat_template_from: the teacher's chat template is used only with task.chat_template=true"
+        )
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:
             key = f"eval.benchmark_paths.{name}"
             check_task_data(task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", key), key, key)
     # no teacher is loaded for an objective that needs nothing from it (sft)
-    check_models(
-        cfg, ("model.name_or_path", "teacher.name_or_path") if needs_teacher(cfg.loss) else ("model.name_or_path",)
-    )
+    teacher = needs_teacher(cfg.loss) or cfg.task.chat_template_from == "teacher"
+    check_models(cfg, ("model.name_or_path", "teacher.name_or_path") if teacher else ("model.name_or_path",))
 
 
 def resumes(cfg: Any) -> bool:
@@ -435,6 +474,15 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
             server = group == "teacher" and cfg.teacher.url is not None  # the server holds the weights
             found[key] = preflight(value, key, _get(cfg, f"{group}.trust_remote_code"), weights=not server)
     student, teacher = found.get("model.name_or_path"), found.get("teacher.name_or_path")
+    if (
+        teacher
+        and "trainer" in cfg
+        and cfg.task.chat_template_from == "teacher"
+        and not teacher.tokenizer.chat_template
+    ):
+        raise UserError(
+            "task.chat_template_from: the teacher's tokenizer has no chat template; set task.chat_template_from=student"
+        )
     if student and teacher:
         check_same_vocabulary(student.tokenizer, teacher.tokenizer, student.rows, teacher.rows)
     if student and "trainer" in cfg:
@@ -576,7 +624,32 @@ def validate_data(cfg: Any, overrides: list[str] = ()) -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device: cuda asked for, but torch sees no CUDA device; use device=auto or cpu")
     check_training_task(cfg.task)
+    refuse_training_only_task_keys(cfg.task, "opd-data teacher-rollouts (the teacher's own template)")
     check_models(cfg, ("teacher.name_or_path",))
+
+
+def validate_aligned(cfg: Any, overrides: list[str] = ()) -> None:
+    """``opd-data aligned-prompts``' checks: the task's training data, the reference file and its column, the
+    selection's bounds, and the embedding model found offline."""
+    for key, allowed in (("task.name", ("arith", "hub")), ("device", DEVICES)):
+        if _get(cfg, key) not in allowed:
+            raise UserError(f"{key}: '{_get(cfg, key)}' is not one of: {', '.join(allowed)}")
+    sel = cfg.select
+    if sel.n is None and (sel.fraction is None or not 0 < sel.fraction <= 1):
+        raise UserError(f"select.fraction: must be in (0, 1] (the share of the candidates kept), got {sel.fraction}")
+    for key in ("select.top_m", "embedding.batch_size") + (("select.n",) if sel.n is not None else ()):
+        if _get(cfg, key) < 1:
+            raise UserError(f"{key}: must be an integer >= 1, got {_get(cfg, key)}")
+    if not -1 <= sel.min_similarity <= 1:
+        raise UserError(f"select.min_similarity: must be a cosine similarity in [-1, 1], got {sel.min_similarity}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda asked for, but torch sees no CUDA device; use device=auto or cpu")
+    check_training_task(cfg.task)
+    refuse_training_only_task_keys(cfg.task, "opd-data aligned-prompts")
+    if not cfg.reference.path:
+        raise UserError("reference.path: give the teacher's post-training prompts, a local jsonl or parquet file")
+    read_texts(cfg.reference.path, cfg.reference.question_key)
+    model_path(cfg.embedding.model)
 
 
 def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
@@ -641,13 +714,20 @@ def checks_end_the_process() -> Iterator[None]:
 
 
 # ValidateCallback's command -> its checks of a composed config and the command line's overrides
-CHECKS = {"train": lambda cfg, overrides: validate(cfg), "evaluate": validate_evaluate, "data": validate_data}
+CHECKS = {
+    "train": lambda cfg, overrides: validate(cfg),
+    "evaluate": validate_evaluate,
+    "data": validate_data,
+    "aligned": validate_aligned,
+}
+# the commands that write into a new, empty directory (opd-data's)
+FRESH_OUTPUT = ("data", "aligned")
 
 
 class ValidateCallback(Callback):
     """Hydra callback: check the composed config before any run directory is made or touched.
 
-    ``command``: ``train`` (opd-train's checks), ``evaluate`` (opd-eval's) or ``data`` (opd-data
+    ``command``: ``train`` (opd-train's checks), ``evaluate`` (opd-eval's), ``aligned`` (opd-data aligned-prompts') or ``data`` (opd-data
     teacher-rollouts', which also refuses an output directory that is not empty). For opd-train it
     also keeps a run directory's identity (``opd_cli.config.rundir``): a directory holding a run
     is refused unless ``trainer.resume=true``, and a resume runs the saved config. Hydra turns an
@@ -661,10 +741,10 @@ class ValidateCallback(Callback):
         with checks_end_the_process():
             overrides = list(config.hydra.overrides.task)
             check_added_keys(config, overrides)
-            if self.command in ("evaluate", "data"):
+            if self.command != "train":
                 CHECKS[self.command](config, overrides)
                 check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
-                if self.command == "data":
+                if self.command in FRESH_OUTPUT:
                     check_empty(Path(config.hydra.run.dir), "hydra.run.dir")
                 return
             validate(config)
@@ -689,7 +769,7 @@ class ValidateCallback(Callback):
                 except UserError as e:
                     which = " ".join(o for o in point if o.split("=", 1)[0].lstrip("+~") in swept)
                     raise UserError(f"{e} (in the sweep's job {which})" if which else str(e)) from None
-            if self.command == "data":
+            if self.command in FRESH_OUTPUT:
                 for job_dir in sorted(p for p in sweep_dir.glob("*") if p.is_dir()) if sweep_dir.is_dir() else ():
                     check_empty(job_dir, "hydra.sweep.dir")
             if self.command != "train":

@@ -308,3 +308,19 @@ def task_config(name: str, path: str | None, key: str, path_key: str):
             raise UserError(f"{path_key}: file not found: {path}")
         cfg.path = path
     return cfg
+
+
+def mix_weights(task_cfg) -> tuple[list[str], list[float]]:
+    """The sources' names and weights under ``task.mix``: the task's own prompts first (name ``task``,
+    weight 1 minus the others'), then each entry's (its ``name``, else its file's stem)."""
+    names = ["task"] + [m.name or Path(m.path).stem for m in task_cfg.mix]
+    weights = [float(m.weight) for m in task_cfg.mix]
+    return names, [1.0 - sum(weights), *weights]
+
+
+def mix_problems(task_cfg) -> list[list[Problem]]:
+    """Every row of each ``task.mix`` file, read with the task's question and answer keys."""
+    return [
+        read_problems(m.path, task_cfg.question_key, task_cfg.answer_key, f"task.mix.{i}.path")
+        for i, m in enumerate(task_cfg.mix)
+    ]

@@ -63,3 +63,19 @@ def format_prompt(problem: Problem, task_cfg, tokenizer, chat_template_key: str 
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
     )
+
+
+# task.chat_template_from: whose tokenizer's chat template wraps the student's prompts
+CHAT_TEMPLATE_FROM = ("student", "teacher")
+
+
+def with_chat_template(tokenizer, other):
+    """``tokenizer`` with ``other``'s chat template (``task.chat_template_from=teacher``): the student's
+    tokenizer, which tokenizes and decodes as before, formatting prompts the way the teacher was trained.
+    The checkpoints then save the student's tokenizer with that template."""
+    if other.chat_template is None:
+        raise UserError(
+            "task.chat_template_from: the teacher's tokenizer has no chat template; set task.chat_template_from=student"
+        )
+    tokenizer.chat_template = other.chat_template
+    return tokenizer

@@ -21,9 +21,10 @@ from opd_cli.objectives.masks import mask_token_ids
 from opd_cli.objectives.registry import make_objective, needs_teacher
 from opd_cli.rollout.registry import DATA_ENGINES, RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
-from opd_cli.tasks.prompts import format_prompt
+from opd_cli.tasks.problems import mix_problems, mix_weights
+from opd_cli.tasks.prompts import format_prompt, with_chat_template
 from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
-from opd_cli.training.data import prompt_length, training_prompts
+from opd_cli.training.data import Mix, prompt_length, training_prompts
 from opd_cli.training.evaluation import Benchmark, load_benchmarks
 from opd_cli.training.trainers import make_trainer
 
@@ -61,6 +62,7 @@ class Parts:
     trainer: Trainer
     rollout: RolloutEngine
     benchmarks: dict[str, Benchmark]  # scored during training (eval.benchmarks)
+    mix: Mix | None = None  # task.mix: each step's prompts drawn from several sources
 
 
 def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
@@ -68,8 +70,11 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
 
     The teacher is loaded only if the objective needs something from it (not for ``sft``)."""
     uses_teacher = needs_teacher(cfg.loss)
-    s_path, t_path = resolve_models(cfg, ckpt, rank, uses_teacher)
+    teacher_template = cfg.task.chat_template_from == "teacher"
+    s_path, t_path = resolve_models(cfg, ckpt, rank, uses_teacher or teacher_template)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
+    if teacher_template:  # the student's prompts in the teacher's chat template (training and evaluation)
+        s_tok = with_chat_template(s_tok, load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code))
     precision = student_precision(cfg)
     # bf16-mixed loads float32 weights: the engine keeps them as master weights and computes in bfloat16
     cpu_linear = cfg.trainer.cpu_linear if COMPUTE_DTYPE[precision] == "float32" else "blas"
@@ -83,6 +88,14 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     # logits must be hidden @ W.T; the packed pass and our decoders only where they equal the model's forward
     check_model(student, "model.name_or_path", sampling=cfg.rollout.engine in ("hf", *DATA_ENGINES))
     train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
+    mix = None
+    if cfg.task.mix:  # task.mix: each source's prompts, as the task's own are chosen
+        extra = mix_problems(cfg.task)
+        sources = [train_prompts] + [training_prompts(problems, cfg, s_tok)[0] for problems in extra]
+        longest = max(prompt_length(s_tok, q) for q in (q for source in sources for q in source))
+        names, weights = mix_weights(cfg.task)
+        mix = Mix(sources, weights, cfg.trainer.prompts_per_step, cfg.trainer.seed, names)
+        train_problems = train_problems + [q for problems in extra for q in problems]
     answers = {}
     if cfg.loss.outcome_weight:
         answers = {format_prompt(q, cfg.task, s_tok): q.answer for q in train_problems}
@@ -125,4 +138,5 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         trainer,
         rollout,
         benchmarks,
+        mix,
     )

@@ -39,9 +39,15 @@ def step_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
 
     Deriving the data position from the step makes resume exact without saving a cursor.
     """
+    return window_indices(n, (step - 1) * per_step, per_step, seed)
+
+
+def window_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Positions ``[start, start + count)`` of the endless sequence of seeded permutations of ``range(n)``
+    (one per epoch)."""
     out: list[int] = []
     orders: dict[int, list[int]] = {}  # each epoch's permutation, made once per call
-    for pos in range((step - 1) * per_step, step * per_step):
+    for pos in range(start, start + count):
         epoch, i = divmod(pos, n)
         if epoch not in orders:
             orders[epoch] = list(range(n))
@@ -53,6 +59,63 @@ def step_indices(n: int, per_step: int, step: int, seed: int) -> list[int]:
 def step_prompts(prompts: list[str], per_step: int, step: int, seed: int) -> list[str]:
     """The prompts of training step ``step`` (1-based): seeded epochs, derived from the step alone."""
     return [prompts[i] for i in step_indices(len(prompts), per_step, step, seed)]
+
+
+# trainer.seed -> the draw of each step's sources under task.mix, and a source's shuffle apart from the next's
+MIX_STRIDE = 1_000_033
+SOURCE_STRIDE = 15_485_863
+
+
+def mix_draw(weights: list[float], per_step: int, step: int, seed: int) -> list[int]:
+    """The source of each of step ``step``'s ``per_step`` prompts, drawn with probabilities ``weights``
+    (summing to 1) by a generator seeded from (``seed``, ``step``) alone."""
+    return random.Random(seed * MIX_STRIDE + step).choices(range(len(weights)), weights=weights, k=per_step)
+
+
+def mix_counts(weights: list[float], per_step: int, step: int, seed: int) -> list[int]:
+    """How many of step ``step``'s prompts each source gives (``mix_draw``)."""
+    draw = mix_draw(weights, per_step, step, seed)
+    return [draw.count(i) for i in range(len(weights))]
+
+
+class Mix:
+    """Each step's prompts drawn from several sources (the task's own, then ``task.mix``'s) with given weights.
+
+    Every source is read in its own seeded epochs (source 0 with ``seed`` itself, as ``step_prompts``),
+    from the position its earlier steps reached: a pure function of (seed, step), so a resume needs no
+    cursor. The positions of the steps already asked for are kept, so a run costs one pass of draws.
+    """
+
+    def __init__(
+        self, sources: list[list[str]], weights: list[float], per_step: int, seed: int, names: list[str] = ()
+    ) -> None:
+        self.sources, self.weights, self.per_step, self.seed = sources, weights, per_step, seed
+        self.names = list(names) or [str(i) for i in range(len(sources))]  # of the metrics data/mix_<name>
+        self._starts: dict[int, list[int]] = {1: [0] * len(sources)}  # step -> each source's first position
+
+    def starts(self, step: int) -> list[int]:
+        """Each source's position at the start of step ``step`` (1-based): the sum of its earlier counts."""
+        last = max(s for s in self._starts if s <= step)
+        pos = list(self._starts[last])
+        for s in range(last, step):
+            pos = [p + c for p, c in zip(pos, mix_counts(self.weights, self.per_step, s, self.seed), strict=True)]
+        self._starts = {1: self._starts[1], last: self._starts[last], step: pos}
+        return pos
+
+    def step(self, step: int) -> tuple[list[str], list[int]]:
+        """Step ``step``'s prompts, in the order their sources were drawn (so every rank's shard mixes them
+        alike), and how many came from each source."""
+        draw = mix_draw(self.weights, self.per_step, step, self.seed)
+        counts = [draw.count(i) for i in range(len(self.sources))]
+        taken = [
+            iter([prompts[j] for j in window_indices(len(prompts), start, count, self.seed + SOURCE_STRIDE * i)])
+            for i, (prompts, start, count) in enumerate(zip(self.sources, self.starts(step), counts, strict=True))
+        ]
+        return [next(taken[source]) for source in draw], counts
+
+    def metrics(self, counts: list[int]) -> dict[str, float]:
+        """The realised share of a step's prompts from each source: ``data/mix_<name>``."""
+        return {f"data/mix_{name}": c / self.per_step for name, c in zip(self.names, counts, strict=True)}
 
 
 def prompt_length(tokenizer, prompt: str) -> int:

@@ -30,7 +30,7 @@ from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
 from opd_cli.objectives.inputs import TokenInputs, token_inputs
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.progress import Progress
-from opd_cli.tasks.problems import load_problems
+from opd_cli.tasks.problems import load_problems, mix_problems
 from opd_cli.tasks.scores import gap_recovery
 from opd_cli.training.build import Parts, build
 from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
@@ -287,7 +287,8 @@ def train(cfg, run_dir: Path) -> dict:
     seed = eval_seed(cfg.trainer.seed)
     samples = None
     if rank.main and cfg.logger.samples_every:
-        samples = SampleLog.of_run(cfg.logger, logger, p, train_problems, cfg.task)
+        every = train_problems + [q for problems in mix_problems(cfg.task) for q in problems]  # task.mix's too
+        samples = SampleLog.of_run(cfg.logger, logger, p, every, cfg.task)
 
     def evaluated(engine, problems, prompts, checker, step: int, phase: str, by_teacher: bool = False) -> float:
         """avg@k of ``engine`` (progress labelled ``phase``); a few of its responses to samples.jsonl."""
@@ -328,10 +329,11 @@ def train(cfg, run_dir: Path) -> dict:
         desc = "OPD" if p.teacher is not None else "SFT"
         with Progress(cfg.trainer.max_steps, desc, unit="steps", initial=start) as bar:
             for step in steps:
-                prompts = shard(
-                    step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), rank
-                )
-                metrics = opd_step(step, prompts, p, cfg, rank, samples)
+                drawn, mixed = step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), {}
+                if p.mix is not None:  # task.mix: the step's prompts from several sources, and their shares
+                    drawn, counts = p.mix.step(step)
+                    mixed = p.mix.metrics(counts)
+                metrics = opd_step(step, shard(drawn, rank), p, cfg, rank, samples) | mixed
                 last = step == cfg.trainer.max_steps
                 if last or (cfg.eval.every and step % cfg.eval.every == 0):
                     acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student(step)
