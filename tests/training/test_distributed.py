@@ -192,9 +192,8 @@ def test_two_ranks_rank_0_writes_the_samples_of_its_share(tmp_path, models_dir):
     each step's prompts (2 of trainer.prompts_per_step=4), and the evaluations' samples, once."""
     opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", "logger.samples_every=1")
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["phase"]) for r in rows] == [(0, "eval")] * 4 + [(1, "train")] * 4 + [(2, "train")] * 4 + [
-        (2, "eval")
-    ] * 4
+    phases = [(0, "eval_teacher"), (0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
+    assert [(r["step"], r["phase"]) for r in rows] == [p for p in phases for _ in range(4)]
     for step in (1, 2):  # rank 0's 2 prompts x rollout.n=2 responses
         assert len({r["prompt"] for r in rows if r["step"] == step and r["phase"] == "train"}) == 2
     assert all(isinstance(r["teacher_logprob_mean"], float) for r in rows if r["phase"] == "train")
