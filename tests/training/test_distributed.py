@@ -9,8 +9,6 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM
 
-from opd_cli.objectives.advantages import AGG_MODES
-
 from ..conftest import CLI_ENV, REPO, assert_resume_matches, cli_argv, metrics, opd_train
 
 pytestmark = pytest.mark.integration
@@ -18,27 +16,37 @@ pytestmark = pytest.mark.integration
 TWO = ["trainer.nproc_per_node=2", "logger=none"]
 
 
-@pytest.mark.parametrize(("stage", "precision"), [("zero2", "fp32"), ("zero3", "fp32"), ("zero2", "bf16-mixed")])
-def test_two_ranks_complete(stage, precision, tmp_path, models_dir):
-    opd_train(tmp_path, models_dir, f"trainer={stage}", *TWO, "trainer.max_steps=2", f"trainer.precision={precision}")
-    rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1, 2]  # one writer: rank 0
+def assert_complete(run_dir, steps: int) -> None:
+    """A 2-rank run of ``steps`` steps: one metrics writer (rank 0), each rank's RNG saved, and the
+    checkpoint's model consolidated from the shards into one HF model."""
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
     assert all(r["grad_norm"] > 0 for r in rows[1:])
-    ckpt = tmp_path / "checkpoints/step_000002"
+    ckpt = run_dir / f"checkpoints/step_{steps:06d}"
     assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
-    model = AutoModelForCausalLM.from_pretrained(ckpt / "model")  # consolidated from the shards
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model")
     assert all(p.numel() > 0 for p in model.parameters())
-    assert (tmp_path / "resolved_config.yaml").exists()
+    assert (run_dir / "resolved_config.yaml").exists()
 
 
-@pytest.mark.parametrize("agg", AGG_MODES)
+def test_two_ranks_complete_bf16_mixed(tmp_path, models_dir):
+    """ZeRO-2 at bf16-mixed (float32 masters); ZeRO-2 and ZeRO-3 at fp32 are the accumulation and samples tests'."""
+    opd_train(tmp_path, models_dir, "trainer=zero2", *TWO, "trainer.max_steps=2", "trainer.precision=bf16-mixed")
+    assert_complete(tmp_path, 2)
+
+
+# token-mean weighs tokens over the whole mini-batch, seq-mean-token-mean each sequence by its own length; the
+# other two aggregations are seq-mean-token-mean's per-sequence weighting times a constant (tests/objectives/
+# test_advantages.py), so these two cover how a rank split could change the weights
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_two_ranks_equal_one_process_with_accumulation(agg, tmp_path, models_dir):
     """Same rollouts (nucleus 1e-4 makes sampling greedy), micro-batch 4: 2 ranks x 1 micro-batch
-    against 1 process x 2 micro-batches (gradient accumulation 2), for every loss aggregation."""
+    against 1 process x 2 micro-batches (gradient accumulation 2)."""
     same = ["trainer=zero2", "logger=none", "trainer.max_steps=3", "rollout.top_p=0.0001", "trainer.micro_batch_size=4"]
     same.append(f"loss.agg={agg}")
     opd_train(tmp_path / "two", models_dir, *same, "trainer.nproc_per_node=2")
     opd_train(tmp_path / "one", models_dir, *same, "trainer.nproc_per_node=1")
+    assert_complete(tmp_path / "two", 3)
     two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert len(two) == len(one) == 4
     for a, b in zip(two[1:], one[1:], strict=True):
@@ -191,6 +199,7 @@ def test_two_ranks_rank_0_writes_the_samples_of_its_share(tmp_path, models_dir):
     """samples.jsonl under ZeRO-3 (the rollout runs in step on both ranks): rank 0 writes its own share of
     each step's prompts (2 of trainer.prompts_per_step=4), and the evaluations' samples, once."""
     opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", "logger.samples_every=1")
+    assert_complete(tmp_path, 2)  # ZeRO-3 at fp32: the model gathered from the shards
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     phases = [(0, "eval_teacher"), (0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
     assert [(r["step"], r["phase"]) for r in rows] == [p for p in phases for _ in range(4)]
