@@ -4,6 +4,7 @@
 #   sft:  opd-train loss=sft rollout=dataset -> DIR/sft   (the student fine-tuned on them)
 #   opd:  opd-train from DIR/sft's last checkpoint -> DIR/opd
 # Usage: scripts/cold_start.sh DIR [override ...]
+# The lengths are 96 tokens: the tens_first teacher's solutions take up to 72 with the demo tokenizer.
 # The overrides go to every stage (keys all three read: demo.*, paths.*, task=..., teacher.name_or_path);
 # DATA_ARGS, SFT_ARGS and OPD_ARGS add one stage's own (later ones win over the demo-sized defaults below).
 # STAGES="sft opd" runs some stages only (each is a separate job on a cluster; a stage reads the previous one's DIR);
@@ -25,19 +26,20 @@ for stage in $stages; do
   case $stage in
     data)
       # the demo teacher's answers to 1024 training prompts, 2 each; wrong ones dropped (B's rejection sampling)
-      "${data[@]}" teacher-rollouts data.n_problems=1024 data.n=2 data.max_new_tokens=64 data.drop_incorrect=true \
+      "${data[@]}" teacher-rollouts data.n_problems=1024 data.n=2 data.max_new_tokens=96 data.drop_incorrect=true \
         "$@" "${data_args[@]}" hydra.run.dir="$data_dir"
       ;;
     sft)
-      "${train[@]}" loss=sft rollout=dataset rollout.path="$data_dir/data" rollout.n=1 rollout.max_new_tokens=64 \
+      "${train[@]}" loss=sft rollout=dataset rollout.path="$data_dir/data" rollout.n=1 rollout.max_new_tokens=96 \
         trainer.prompts_per_step=64 trainer.max_steps=60 trainer.lr=1e-3 trainer.lr_schedule=cosine \
-        trainer.warmup_steps=3 eval.every=30 logger=none "$@" "${sft_args[@]}" hydra.run.dir="$dir/sft"
+        trainer.warmup_steps=3 eval.every=30 eval.max_new_tokens=96 logger=none "$@" "${sft_args[@]}" hydra.run.dir="$dir/sft"
       ;;
     opd)
       # the SFT run's last checkpoint (a run saves one at its last step)
       ckpt=$(ls -d "$dir"/sft/checkpoints/step_*/model 2>/dev/null | sort | tail -n 1 || true)
       [[ -n $ckpt ]] || { echo "error: $dir/sft has no checkpoint: run the sft stage first" >&2; exit 2; }
       "${train[@]}" model.name_or_path="$ckpt" trainer.max_steps=200 eval.every=100 logger=none \
+        rollout.max_new_tokens=96 eval.max_new_tokens=96 \
         "$@" "${opd_args[@]}" hydra.run.dir="$dir/opd"
       ;;
     *)
