@@ -30,9 +30,11 @@ for stage in $stages; do
         "$@" "${data_args[@]}" hydra.run.dir="$data_dir"
       ;;
     sft)
+      # 300 steps x 64 rows: the student needs about as many steps as the teacher's build to take up its wording
+      # (60 steps left it writing garbage: held-out accuracy 0.000)
       "${train[@]}" loss=sft rollout=dataset rollout.path="$data_dir/data" rollout.n=1 rollout.max_new_tokens=96 \
-        trainer.prompts_per_step=64 trainer.max_steps=60 trainer.lr=1e-3 trainer.lr_schedule=cosine \
-        trainer.warmup_steps=3 eval.every=30 eval.max_new_tokens=96 logger=none "$@" "${sft_args[@]}" hydra.run.dir="$dir/sft"
+        trainer.prompts_per_step=64 trainer.max_steps=300 trainer.lr=1e-3 trainer.lr_schedule=cosine \
+        trainer.warmup_steps=10 eval.every=100 eval.max_new_tokens=96 logger=none "$@" "${sft_args[@]}" hydra.run.dir="$dir/sft"
       ;;
     opd)
       # the SFT run's last checkpoint (a run saves one at its last step)
