@@ -7,8 +7,11 @@ ARGS ?=
 # demo-sized sweeps for CPU (override with ARGS, e.g. ARGS="trainer.max_steps=600"); later overrides win
 SWEEP_DEMO := trainer.max_steps=100 eval.every=25 eval.n_problems=64 logger=none
 REPORT_DIR ?= outputs/sweeps/sweep-k
+# make cold-start writes $(COLD_START_DIR)/{data,sft,opd}
+COLD_START_NAME ?= demo
+COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench cold-start
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -37,6 +40,9 @@ sweep-loss: $(STAMP) ## sampled_token vs topk_lsm vs student_topk (demo-sized; i
 
 eval: $(STAMP) ## opd-eval: a model on benchmarks, e.g. ARGS="model.name_or_path=<checkpoint>/model tasks=[aime24,math500]"
 	$(VENV)/bin/opd-eval $(ARGS)
+
+cold-start: $(STAMP) ## off-policy cold start on the demo's mismatched pair: teacher rollouts, SFT, OPD from it (outputs/cold_start/<COLD_START_NAME>/{data,sft,opd}); ARGS go to every stage
+	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/cold_start.sh $(COLD_START_DIR) demo.teacher_style=tens_first $(ARGS)
 
 study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, plots, report.md (outputs/studies/variance)
 	$(VENV)/bin/opd-study variance $(ARGS)

@@ -51,6 +51,8 @@ PLAN = {
         "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
     "opd-train model.name_or_path=outputs/runs/<date>/<time>/checkpoints/step_000100/model": (
         "covered", "tests/commands/test_sft.py::test_sft_trains_without_a_teacher_then_opd_starts_from_its_checkpoint"),
+    "make cold-start COLD_START_NAME=demo": (
+        "covered", "tests/commands/test_cold_start.py::test_the_three_stages_chain_under_one_directory"),
     "opd-study auroc 'teachers=[demo:teacher,demo:student]' n=16": (
         "covered", "tests/commands/test_reward_studies.py::test_auroc_study_writes_every_output"),
     "opd-study reward-depth 'depths=[4,8,16]' continuations=8": (

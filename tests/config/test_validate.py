@@ -28,7 +28,11 @@ def presets(group):
 
 
 # presets that validate only together: SFT's objective and the engine that reads its data set
-COMPANIONS = {("loss", "sft"): "rollout=dataset", ("rollout", "dataset"): "loss=sft"}
+COMPANIONS = {
+    ("loss", "sft"): "rollout=dataset",
+    ("rollout", "dataset"): "loss=sft",
+    ("experiment", "paper_b_cold_start"): "loss=sft",  # it has both; it needs a data set (rollout.path)
+}
 
 
 @pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
@@ -385,3 +389,8 @@ def test_bad_templates_are_refused(template, message):
     cfg = compose_cfg()
     cfg.task.template = template
     assert _refused(validate, cfg).startswith(message)
+
+
+def test_an_unknown_demo_teacher_style_is_refused():
+    with pytest.raises(UserError, match=r"^demo\.teacher_style: 'rows' is not one of: columns, tens_first$"):
+        validate(compose_cfg(["demo.teacher_style=rows"]))

@@ -193,6 +193,7 @@ class DemoConfig:
     num_layers: int = 2
     vocab_size: int = 400
     teacher_steps: int = 800
+    teacher_style: str = "columns"
     student_steps: int = 300
     batch_size: int = 64
     lr: float = 1e-3

@@ -31,6 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 from opd_cli.config.rundir import check_empty, check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, RolloutConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
+from opd_cli.models.demo import TEACHER_STYLES
 from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
 from opd_cli.models.preflight import check_hub_reachable, offline, preflight
@@ -458,6 +459,8 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
         raise UserError(
             f"demo.hidden_size: must be a positive multiple of 64 (head size 64), got {cfg.demo.hidden_size}"
         )
+    if cfg.demo.teacher_style not in TEACHER_STYLES:
+        raise UserError(f"demo.teacher_style: '{cfg.demo.teacher_style}' is not one of: {', '.join(TEACHER_STYLES)}")
     found = {}
     for key in keys:
         value = _get(cfg, key)

@@ -21,7 +21,7 @@ import torch
 
 from opd_cli.dist import save_pretrained
 from opd_cli.models.sft import sft
-from opd_cli.tasks.problems import arith_problems, arith_solution
+from opd_cli.tasks.problems import arith_problems, arith_solution, arith_solution_tens_first
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,10 @@ EOS = "<|endoftext|>"
 
 
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
+
+
+# demo.teacher_style -> how the teacher writes its worked solution (the student always writes columns)
+TEACHER_STYLES = ("columns", "tens_first")
 
 
 _BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
@@ -101,24 +105,37 @@ def demo_dir(models_dir: str, demo_cfg, task_cfg) -> Path:
 
 
 def demo_model_dir(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
-    """Where the demo ``role`` ("student" or "teacher") lives once built."""
+    """Where the demo ``role`` ("student" or "teacher") lives once built.
+
+    A teacher of another ``demo.teacher_style`` than "columns" has the style in its
+    name (``teacher-tens_first-800``); the default teacher keeps ``teacher-<steps>``.
+    """
     steps = demo_cfg.student_steps if role == "student" else demo_cfg.teacher_steps
-    return demo_dir(models_dir, demo_cfg, task_cfg) / f"{role}-{steps}"
+    style = teacher_style(demo_cfg) if role == "teacher" else "columns"
+    name = f"{role}-{steps}" if style == "columns" else f"{role}-{style}-{steps}"
+    return demo_dir(models_dir, demo_cfg, task_cfg) / name
 
 
-def sft_pairs(task_cfg, wrong_sums: bool = False) -> list[tuple[str, str]]:
+def teacher_style(demo_cfg) -> str:
+    """``demo.teacher_style``, "columns" where a config predates the key."""
+    return getattr(demo_cfg, "teacher_style", None) or "columns"
+
+
+def sft_pairs(task_cfg, wrong_sums: bool = False, style: str = "columns") -> list[tuple[str, str]]:
     """(prompt, worked solution) pairs of the training split.
 
     ``wrong_sums`` replaces every column sum by a random number (see
     ``arith_solution``): the demo student's data, so it learns the answer format
-    and to copy the operands, but not to add.
+    and to copy the operands, but not to add. ``style`` "tens_first" writes the
+    solutions with ``arith_solution_tens_first`` instead (a mismatched teacher).
     """
     problems = arith_problems(task_cfg.seed, "train", task_cfg.n_eval)
     rng = random.Random(task_cfg.seed + 1) if wrong_sums else None
     out = []
     for p in problems:
         a, b = (int(n) for n in p.solution.split("So ")[1].split("=")[0].split("+"))
-        out.append((task_cfg.template.format(question=p.question), " " + arith_solution(a, b, rng)))
+        solution = arith_solution_tens_first(a, b) if style == "tens_first" else arith_solution(a, b, rng)
+        out.append((task_cfg.template.format(question=p.question), " " + solution))
     return out
 
 
@@ -165,7 +182,11 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
         sft(
             model,
             tokenizer,
-            sft_pairs(task_cfg, wrong_sums=role == "student"),
+            sft_pairs(
+                task_cfg,
+                wrong_sums=role == "student",
+                style=teacher_style(demo_cfg) if role == "teacher" else "columns",
+            ),
             steps=steps,
             batch_size=demo_cfg.batch_size,
             lr=demo_cfg.lr,

@@ -57,6 +57,17 @@ def arith_solution(a: int, b: int, rng: random.Random | None = None) -> str:
     )
 
 
+def arith_solution_tens_first(a: int, b: int) -> str:
+    """Another worked addition of two two-digit numbers, ending in \\boxed{a+b}: the tens as
+    round numbers first, then the ones, then their total (a thinking pattern unlike
+    ``arith_solution``'s, from its first token on)."""
+    tens, ones = (a // 10 + b // 10) * 10, a % 10 + b % 10
+    return (
+        f"Tens first: {a // 10 * 10} and {b // 10 * 10} make {tens}. "
+        f"Then ones: {a % 10} and {b % 10} make {ones}. Total {tens} and {ones} is \\boxed{{{a + b}}}."
+    )
+
+
 def arith_problems(seed: int, split: str, n_eval: int) -> list[Problem]:
     """All two-digit additions, split by ``seed`` into ``n_eval`` held-out and the rest.
 
