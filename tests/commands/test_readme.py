@@ -68,7 +68,7 @@ PLAN = {
     "opd-train model.lora.enabled=true": ("run", "lora"),
     "opd-train model=qwen2.5-7b-instruct model.lora.enabled=true model.lora.r=64 model.lora.merge_on_save=true "
     "trainer.gradient_checkpointing=true trainer=zero2 trainer.nproc_per_node=8": ("gpu", "8 GPUs and the hub model"),
-    "opd-train trainer=zero2 trainer.nproc_per_node=2": ("covered", "tests/training/test_distributed.py::test_two_ranks_complete"),
+    "opd-train trainer=zero2 trainer.nproc_per_node=2": ("covered", "tests/training/test_distributed.py::test_two_ranks_equal_one_process_with_accumulation"),
     "opd-train hydra/launcher=slurm hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=8 hydra.launcher.timeout_min=1440 "
     "trainer=zero3 trainer.nnodes=4 trainer.nproc_per_node=8 experiment=paper_a_lsm": ("gpu", "a SLURM cluster of 4 x 8 GPUs"),
     "opd-train -m hydra/launcher=slurm trainer=zero2 trainer.nproc_per_node=8 loss=topk_lsm loss.k=1,4,16,64": (
