@@ -41,10 +41,10 @@ from opd_cli.analysis.reward_stats import (
 from opd_cli.batch import RolloutBatch, chunk_bounds
 from opd_cli.dist import Rank, pick_device
 from opd_cli.errors import UserError
-from opd_cli.models.checks import check_attention_mask, check_model, choose_decoder
+from opd_cli.models.checks import check_model
 from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
 from opd_cli.progress import Progress
-from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.rollout.registry import model_sampler
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.problems import Problem, load_problems
 from opd_cli.tasks.prompts import format_prompt
@@ -121,17 +121,6 @@ def sample_study(engine, problems: list[Problem], prompts: list[str], checker: C
     return Sampled(problems, prompts, responses, batches)
 
 
-def sampling_engine(cfg, path: str, key: str, dtype: str, trust_remote_code: bool, tokenizer, device, max_len: int):
-    """A rollout engine (``rollout.engine``) of the model at ``path``: the transformers model, checked as
-    opd-eval checks a sampler, for ``hf``; vLLM loads its own copy."""
-    model = None
-    if cfg.rollout.engine == "hf":
-        model = load_model(path, key, dtype, device, trust_remote_code)
-        check_attention_mask(model, key)
-        choose_decoder(model)
-    return make_rollout(cfg.rollout, RolloutSpec(model, tokenizer, path, max_len, dtype, cfg.seed))
-
-
 def free() -> None:
     """Give back the memory of models no longer referenced, before the next one loads."""
     gc.collect()
@@ -167,7 +156,9 @@ def start(cfg, continue_tokens: int = 0):
     problems, prompts = study_problems(cfg, tok)
     max_len = max(prompt_length(tok, p) for p in prompts) + cfg.max_new_tokens + continue_tokens
     mc = cfg.model
-    engine = sampling_engine(cfg, path, "model.name_or_path", mc.dtype, mc.trust_remote_code, tok, device, max_len)
+    engine = model_sampler(
+        cfg.rollout, path, "model.name_or_path", mc.dtype, mc.trust_remote_code, tok, device, max_len, cfg.seed
+    )
     return device, tok, problems, prompts, engine, max_len
 
 
@@ -355,7 +346,9 @@ def run_reward_depth(cfg, out: Path) -> dict:
     free()
     tc = cfg.teacher
     path = resolve_path(tc.name_or_path, cfg)
-    engine = sampling_engine(cfg, path, "teacher.name_or_path", tc.dtype, tc.trust_remote_code, tok, device, max_len)
+    engine = model_sampler(
+        cfg.rollout, path, "teacher.name_or_path", tc.dtype, tc.trust_remote_code, tok, device, max_len, cfg.seed
+    )
     teacher = continue_prefixes(engine, tok, inputs, cut, answers, checker, cfg, "reward-depth: teacher continues")
     engine.release()
     clusters = [kept[p.rollout].problem for p in prefixes]

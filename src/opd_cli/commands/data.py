@@ -26,10 +26,9 @@ from opd_cli.commands.app import CONF_DIR, run_app
 from opd_cli.config.validate import validate_aligned, validate_data
 from opd_cli.dist import Rank, pick_device
 from opd_cli.errors import UserError, fail, one_line_errors
-from opd_cli.models.checks import check_attention_mask, choose_decoder
-from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
+from opd_cli.models.loading import load_tokenizer, resolve_path
 from opd_cli.progress import Progress
-from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.rollout.registry import model_sampler
 from opd_cli.tasks import alignment
 from opd_cli.tasks.checking import make_checker
 from opd_cli.tasks.problems import Problem, load_problems
@@ -122,14 +121,11 @@ def run(cfg, out_dir: Path, overrides: list[str] = ()) -> dict:
     tok = load_tokenizer(path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
     problems = load_problems(cfg.task)[0][: d.n_problems]
     index, prompts, longest = teacher_prompts(problems, cfg, tok)
-    model = None
-    if cfg.rollout.engine == "hf":  # the vLLM engine loads the model itself
-        device = pick_device(cfg.device, Rank())
-        model = load_model(path, "teacher.name_or_path", cfg.teacher.dtype, device, cfg.teacher.trust_remote_code)
-        check_attention_mask(model, "teacher.name_or_path")
-        choose_decoder(model)
-    spec = RolloutSpec(model, tok, path, longest + d.max_new_tokens, cfg.teacher.dtype, cfg.seed)
-    engine = make_rollout(cfg.rollout, spec)
+    tc, device = cfg.teacher, pick_device(cfg.device, Rank())
+    engine = model_sampler(
+        cfg.rollout, path, "teacher.name_or_path", tc.dtype, tc.trust_remote_code, tok, device,
+        longest + d.max_new_tokens, cfg.seed,
+    )  # fmt: skip
     rows, reasons = sample_and_judge(engine, index, prompts, problems, tok, make_checker(cfg.task), d, cfg.seed)
     stats = {"prompts": len(problems), "prompts_too_long": len(problems) - len(index), **summary(rows, reasons)}
     stats["settings"] = settings(cfg)

@@ -20,9 +20,8 @@ from opd_cli.commands.app import CONF_DIR, run_app
 from opd_cli.config.validate import validate_evaluate
 from opd_cli.dist import Rank, pick_device
 from opd_cli.errors import one_line_errors
-from opd_cli.models.checks import check_attention_mask, choose_decoder
-from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
-from opd_cli.rollout.registry import RolloutSpec, make_rollout
+from opd_cli.models.loading import load_tokenizer, resolve_path
+from opd_cli.rollout.registry import model_sampler
 from opd_cli.tasks.checking import make_checker
 from opd_cli.tasks.problems import Problem, load_problems, task_config
 from opd_cli.tasks.prompts import format_prompt
@@ -49,15 +48,10 @@ def run(cfg, out_dir: Path) -> dict:
         benchmarks[name] = (tcfg, problems, [format_prompt(p, tcfg, tok, "chat_template") for p in problems])
     longest = max(prompt_length(tok, p) for *_, prompts in benchmarks.values() for p in prompts)
     max_len = longest + cfg.eval.max_new_tokens
-    model = None
-    if cfg.rollout.engine == "hf":  # the vLLM engine loads the model itself
-        device = pick_device(cfg.device, Rank())
-        model = load_model(path, "model.name_or_path", cfg.model.dtype, device, cfg.model.trust_remote_code)
-        # sampling reads the model's own logits (soft-capped heads are fine here); our decoders only where
-        # they equal its forward
-        check_attention_mask(model, "model.name_or_path")
-        choose_decoder(model)
-    sampler = make_rollout(cfg.rollout, RolloutSpec(model, tok, path, max_len, cfg.model.dtype, cfg.seed))
+    mc, device = cfg.model, pick_device(cfg.device, Rank())
+    sampler = model_sampler(
+        cfg.rollout, path, "model.name_or_path", mc.dtype, mc.trust_remote_code, tok, device, max_len, cfg.seed
+    )
     results, generations = {}, []
     for name, (tcfg, problems, prompts) in benchmarks.items():
         recording = Recording(sampler)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from opd_cli.contracts import RolloutEngine
+from opd_cli.models.checks import check_attention_mask, choose_decoder
+from opd_cli.models.loading import load_model
 from opd_cli.models.vllm import colocated_engine
 from opd_cli.rollout.dataset import DatasetRollout, open_dataset
 from opd_cli.rollout.hf import HFRollout
@@ -72,3 +74,18 @@ SAMPLING_ENGINES = tuple(e for e in ROLLOUT_ENGINES if e not in DATA_ENGINES)
 def make_rollout(rc, spec: RolloutSpec) -> RolloutEngine:
     """The sampling engine ``rollout.engine`` (``rc.engine``) names."""
     return ROLLOUT_ENGINES[rc.engine](rc, spec)
+
+
+def model_sampler(
+    rc, path: str, key: str, dtype: str, trust_remote_code: bool, tokenizer, device, max_len: int, seed: int
+) -> RolloutEngine:
+    """A sampling engine (``rollout.engine``, ``rc``) of the model at ``path`` outside training (opd-eval,
+    opd-data, opd-study): for ``hf`` the transformers model loaded here and checked as every sampler is
+    (sampling reads the model's own logits; our decoders only where they equal its forward); vLLM loads
+    its own copy."""
+    model = None
+    if rc.engine == "hf":
+        model = load_model(path, key, dtype, device, trust_remote_code)
+        check_attention_mask(model, key)
+        choose_decoder(model)
+    return make_rollout(rc, RolloutSpec(model, tokenizer, path, max_len, dtype, seed))
