@@ -36,8 +36,13 @@ def check_template(template: str, key: str = "task.template") -> None:
         raise UserError(f"{key}: cannot fill in {{question}} ({e}); the template may use {allowed}") from None
 
 
-def format_prompt(problem: Problem, task_cfg, tokenizer, chat_template_key: str = "task.chat_template") -> str:
+def format_prompt(
+    problem: Problem, task_cfg, tokenizer, chat_template_key: str = "task.chat_template", system: str | None = None
+) -> str:
     """The prompt text: ``task.template`` filled in, in the chat template if asked.
+
+    ``system`` is a system prompt: a system message in the chat template, or its own line before the
+    filled-in template without one (the teacher's privileged context, ``teacher.prompt.system``).
 
     ``task.question_regex`` first takes the problem out of a row that wraps it in its own
     instructions (its group ``question``); a row it does not match keeps its whole text.
@@ -53,15 +58,16 @@ def format_prompt(problem: Problem, task_cfg, tokenizer, chat_template_key: str 
         check_template(task_cfg.template)  # one line saying what is wrong
         raise
     if not task_cfg.chat_template:
-        return text
+        return text if system is None else f"{system}\n{text}"
     if tokenizer.chat_template is None:
         raise UserError(
             f"{chat_template_key}: the model's tokenizer has no chat template; set {chat_template_key}=false "
             "or use a model that has one"
         )
     kwargs = dict(task_cfg.chat_template_kwargs or {})
+    messages = [] if system is None else [{"role": "system", "content": system}]
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
+        [*messages, {"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, **kwargs
     )
 
 
