@@ -53,3 +53,68 @@ def test_tens_first_solutions_differ_from_the_first_word_and_end_in_the_sum():
     for (_, c), (_, t), answer in zip(columns, tens, answers, strict=True):
         assert t.startswith(" Tens first: ") and not c.startswith(" Tens")
         assert t.endswith(f"\\boxed{{{answer}}}.") and check_exact(t, answer)
+
+
+def test_the_rule_models_data_pairs_each_problem_with_and_without_the_system_line():
+    """demo:rule's SFT mix: every training problem twice, with the system line (as format_prompt writes it, the
+    teacher's prompt under teacher.prompt.system) and a tens-first solution, without it and a column solution;
+    both with the right sum, so the line alone tells the two apart."""
+    from opd_cli.models.demo import rule_pairs
+    from opd_cli.tasks.checking import check_exact
+
+    from ..conftest import compose_cfg
+
+    cfg = compose_cfg()
+    task, system = cfg.task, cfg.demo.rule_system
+    assert system == "Add the tens first."
+    pairs = rule_pairs(task, system)
+    problems = arith_problems(task.seed, "train", task.n_eval)
+    assert len(pairs) == 2 * len(problems)
+    with_line, without = pairs[0::2], pairs[1::2]
+    for p, (ruled, tens), (plain, columns) in zip(problems, with_line, without, strict=True):
+        assert plain == task.template.format(question=p.question)
+        assert ruled == f"{system}\n{plain}"
+        assert tens.startswith(" Tens first: ") and check_exact(tens, p.answer)
+        assert not columns.startswith(" Tens") and " write " in columns and check_exact(columns, p.answer)
+    assert rule_pairs(task, "Other rule.")[0][0].startswith("Other rule.\nQuestion: ")
+
+
+def test_the_hint_models_data_is_the_students_plus_the_hinted_problems_solved():
+    """demo:hint's SFT mix: the demo student's pairs (random column sums) and, for every problem, its question
+    with the answer appended (demo.hint_question) and the correct column solution."""
+    from opd_cli.models.demo import hint_pairs, sft_pairs
+    from opd_cli.tasks.checking import check_exact
+
+    from ..conftest import compose_cfg
+
+    cfg = compose_cfg()
+    task, question = cfg.task, cfg.demo.hint_question
+    assert question == "{question} The answer is {answer}."
+    pairs = hint_pairs(task, question)
+    problems = arith_problems(task.seed, "train", task.n_eval)
+    plain, hinted = pairs[0::2], pairs[1::2]
+    assert plain == sft_pairs(task, wrong_sums=True)
+    assert sum(check_exact(r, p.answer) for p, (_, r) in zip(problems, plain, strict=True)) < len(problems) // 10
+    for p, (prompt, response) in zip(problems, hinted, strict=True):
+        assert prompt == task.template.format(question=f"{p.question} The answer is {p.answer}.")
+        assert response == " " + p.solution and check_exact(response, p.answer)
+    other = hint_pairs(task, "{question} Hint: {answer}")[1][0]
+    assert other.endswith(f"Hint: {problems[0].answer}\nAnswer:")
+
+
+def test_the_self_distillation_students_are_cached_by_their_prompt_text():
+    """demo:rule and demo:hint live beside the other roles (the shared directory keeps its name) under names
+    that carry a hash of their prompt text and their SFT steps (the teacher's for rule, the student's for hint)."""
+    from opd_cli.models.demo import demo_dir, demo_model_dir
+
+    from ..conftest import compose_cfg
+
+    default = compose_cfg()
+    other = compose_cfg(["demo.rule_system=Think in tens.", "demo.hint_question='{question} Hint: {answer}'"])
+    root = demo_dir("m", default.demo, default.task)
+    assert root.name == "arith-demo-db5c649b96" and demo_dir("m", other.demo, other.task) == root
+    rule, hint = (demo_model_dir("m", default.demo, default.task, r) for r in ("rule", "hint"))
+    assert rule.parent == root and rule.name.startswith("rule-") and rule.name.endswith("-800")
+    assert hint.parent == root and hint.name.startswith("hint-") and hint.name.endswith("-300")
+    assert demo_model_dir("m", other.demo, other.task, "rule") not in (rule, hint)
+    assert demo_model_dir("m", other.demo, other.task, "hint") not in (rule, hint)

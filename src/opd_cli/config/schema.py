@@ -170,6 +170,8 @@ class TrainEvalConfig(EvalConfig):
     every: int = 100
     benchmarks: list[str] = field(default_factory=list)
     benchmark_paths: dict[str, str | None] = field(default_factory=dict)
+    # name -> regular expression: the share of held-out responses it matches (re.search), eval/pattern/<name>
+    patterns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,6 +197,8 @@ class DemoConfig:
     teacher_steps: int = 800
     teacher_style: str = "columns"
     student_steps: int = 300
+    rule_system: str = "Add the tens first."
+    hint_question: str = "{question} The answer is {answer}."
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0

@@ -13,6 +13,7 @@ import difflib
 import math
 import os
 import re
+import string
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from opd_cli.config.rundir import check_empty, check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, RolloutConfig, TrainConfig
 from opd_cli.errors import UserError, fail, one_line_errors
-from opd_cli.models.demo import TEACHER_STYLES
+from opd_cli.models.demo import DEMO_ROLES, TEACHER_STYLES
 from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
 from opd_cli.models.loading import DTYPES, check_same_vocabulary, looks_local
 from opd_cli.models.preflight import check_hub_reachable, offline, preflight
@@ -360,6 +361,37 @@ def check_mix(cfg: Any) -> None:
     mix_problems(cfg.task)
 
 
+def check_patterns(patterns: Mapping[str, str]) -> None:
+    """Each ``eval.patterns`` value must compile as a Python regular expression."""
+    for name, pattern in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(
+                f"eval.patterns.{name}: not a regular expression ({e}); give a Python re pattern, "
+                "e.g. '^\\s*Tens first'"
+            ) from None
+
+
+# the placeholders demo.hint_question may use
+HINT_FIELDS = ("question", "answer", "solution")
+
+
+def check_hint_question(template: str) -> None:
+    """``demo.hint_question`` is a ``str.format`` template of {question}, {answer} and {solution}, with {question}."""
+    allowed = ", ".join(f"{{{name}}}" for name in HINT_FIELDS)
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        template.format(**dict.fromkeys(HINT_FIELDS, ""))
+    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(
+            f"demo.hint_question: cannot fill in the template ({e}); it may use {allowed}, "
+            "and a literal brace is written {{ or }}"
+        ) from None
+    if "question" not in names:
+        raise UserError(f"demo.hint_question: must contain '{{question}}'; it may use {allowed}")
+
+
 def validate(cfg: Any) -> None:
     """Raise ``UserError`` naming the first key whose value is not allowed."""
     for key, allowed in choices().items():
@@ -433,6 +465,8 @@ def validate(cfg: Any) -> None:
         raise UserError(
             "task.chat_template_from: the teacher's chat template is used only with task.chat_template=true"
         )
+    if "patterns" in cfg.eval:  # opd-train's evaluation during training
+        check_patterns(cfg.eval.patterns)
     if "benchmarks" in cfg.eval:  # opd-train's evaluation during training
         for name in cfg.eval.benchmarks:
             key = f"eval.benchmark_paths.{name}"
@@ -465,10 +499,12 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
     for key in keys:
         value = _get(cfg, key)
         if value.startswith("demo:"):
-            if value not in ("demo:student", "demo:teacher"):
-                raise UserError(f"{key}: '{value}' is not one of: demo:student, demo:teacher")
+            if value.removeprefix("demo:") not in DEMO_ROLES:
+                raise UserError(f"{key}: '{value}' is not one of: {', '.join(f'demo:{r}' for r in DEMO_ROLES)}")
             if cfg.task.name != "arith":
                 raise UserError(f"{key}: the demo models are built for task=arith only")
+            if value == "demo:hint":
+                check_hint_question(cfg.demo.hint_question)
             continue
         if looks_local(value) and not Path(value).expanduser().exists():
             raise UserError(f"{key}: local model path not found: {value}")

@@ -4,6 +4,16 @@ Built on first use by supervised fine-tuning on worked solutions (the teacher
 for many steps, the student for few, so the student knows the answer format but
 not the arithmetic) and cached under ``paths.models``; later runs reuse them.
 A model path ``demo:student`` or ``demo:teacher`` refers to these.
+
+Two more roles are students for self-distillation (OPSD, ``teacher=self``), where the
+teacher is the model itself under a prompt the student does not see:
+
+- ``demo:rule`` follows a rule when its system line (``demo.rule_system``) says so and
+  not otherwise: trained like the teacher, every training problem once with the line and
+  a tens-first solution, once without it and a column solution.
+- ``demo:hint`` uses the answer when its question carries it (``demo.hint_question``) and
+  cannot add otherwise: trained like the student (random column sums), every problem once
+  plain and once with the answer in the question and the correct solution.
 """
 
 from __future__ import annotations
@@ -21,7 +31,8 @@ import torch
 
 from opd_cli.dist import save_pretrained
 from opd_cli.models.sft import sft
-from opd_cli.tasks.problems import arith_problems, arith_solution, arith_solution_tens_first
+from opd_cli.tasks.problems import Problem, arith_problems, arith_solution, arith_solution_tens_first
+from opd_cli.tasks.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,10 @@ SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
 
 # demo.teacher_style -> how the teacher writes its worked solution (the student always writes columns)
 TEACHER_STYLES = ("columns", "tens_first")
+
+
+# the demo roles a model path may name (demo:<role>)
+DEMO_ROLES = ("student", "teacher", "rule", "hint")
 
 
 _BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
@@ -104,13 +119,29 @@ def demo_dir(models_dir: str, demo_cfg, task_cfg) -> Path:
     return Path(models_dir) / f"arith-demo-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+def role_steps(demo_cfg, role: str) -> int:
+    """SFT steps of a demo role: the student's for the models that cannot add (student, hint), the teacher's else."""
+    return demo_cfg.student_steps if role in ("student", "hint") else demo_cfg.teacher_steps
+
+
+def _text_tag(text: str) -> str:
+    """A short hash of a prompt text, naming the model trained on it."""
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def demo_model_dir(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
-    """Where the demo ``role`` ("student" or "teacher") lives once built.
+    """Where the demo ``role`` (one of ``DEMO_ROLES``) lives once built.
 
     A teacher of another ``demo.teacher_style`` than "columns" has the style in its
     name (``teacher-tens_first-800``); the default teacher keeps ``teacher-<steps>``.
+    ``rule`` and ``hint`` carry a hash of their prompt text (``demo.rule_system``,
+    ``demo.hint_question``): ``rule-<hash>-800``, ``hint-<hash>-300``.
     """
-    steps = demo_cfg.student_steps if role == "student" else demo_cfg.teacher_steps
+    steps = role_steps(demo_cfg, role)
+    if role == "rule":
+        return demo_dir(models_dir, demo_cfg, task_cfg) / f"rule-{_text_tag(demo_cfg.rule_system)}-{steps}"
+    if role == "hint":
+        return demo_dir(models_dir, demo_cfg, task_cfg) / f"hint-{_text_tag(demo_cfg.hint_question)}-{steps}"
     style = teacher_style(demo_cfg) if role == "teacher" else "columns"
     name = f"{role}-{steps}" if style == "columns" else f"{role}-{style}-{steps}"
     return demo_dir(models_dir, demo_cfg, task_cfg) / name
@@ -133,10 +164,57 @@ def sft_pairs(task_cfg, wrong_sums: bool = False, style: str = "columns") -> lis
     rng = random.Random(task_cfg.seed + 1) if wrong_sums else None
     out = []
     for p in problems:
-        a, b = (int(n) for n in p.solution.split("So ")[1].split("=")[0].split("+"))
+        a, b = _operands(p)
         solution = arith_solution_tens_first(a, b) if style == "tens_first" else arith_solution(a, b, rng)
         out.append((task_cfg.template.format(question=p.question), " " + solution))
     return out
+
+
+def _operands(problem: Problem) -> tuple[int, int]:
+    """The two numbers an arith problem adds (from its worked solution)."""
+    a, b = (int(n) for n in str(problem.solution).split("So ")[1].split("=")[0].split("+"))
+    return a, b
+
+
+def rule_pairs(task_cfg, system: str) -> list[tuple[str, str]]:
+    """``demo:rule``'s SFT data: every training problem twice, with the system line ``system`` and a
+    tens-first solution, and without it and a column solution (correct sums both)."""
+    out = []
+    for p in arith_problems(task_cfg.seed, "train", task_cfg.n_eval):
+        a, b = _operands(p)
+        out.append((format_prompt(p, task_cfg, None, system=system), " " + arith_solution_tens_first(a, b)))
+        out.append((format_prompt(p, task_cfg, None), " " + arith_solution(a, b)))
+    return out
+
+
+def hinted(problem: Problem, question: str) -> Problem:
+    """``problem`` whose question is the template ``question`` filled in with its question, answer and
+    solution (``demo.hint_question``, as ``teacher.prompt.question`` fills in the teacher's)."""
+    text = question.format(question=problem.question, answer=problem.answer, solution=problem.solution)
+    return Problem(question=text, answer=problem.answer, solution=problem.solution)
+
+
+def hint_pairs(task_cfg, question: str) -> list[tuple[str, str]]:
+    """``demo:hint``'s SFT data: every training problem twice, plain with random column sums (the demo
+    student's solution: it cannot add), and with the answer in its question (``question``, see ``hinted``)
+    and the correct column solution."""
+    rng = random.Random(task_cfg.seed + 1)
+    out = []
+    for p in arith_problems(task_cfg.seed, "train", task_cfg.n_eval):
+        a, b = _operands(p)
+        out.append((format_prompt(p, task_cfg, None), " " + arith_solution(a, b, rng)))
+        out.append((format_prompt(hinted(p, question), task_cfg, None), " " + arith_solution(a, b)))
+    return out
+
+
+def role_pairs(task_cfg, demo_cfg, role: str) -> list[tuple[str, str]]:
+    """The SFT (prompt, response) pairs that make the demo ``role``."""
+    if role == "rule":
+        return rule_pairs(task_cfg, demo_cfg.rule_system)
+    if role == "hint":
+        return hint_pairs(task_cfg, demo_cfg.hint_question)
+    style = teacher_style(demo_cfg) if role == "teacher" else "columns"
+    return sft_pairs(task_cfg, wrong_sums=role == "student", style=style)
 
 
 def _atomic_build(target: Path, build) -> None:
@@ -174,7 +252,7 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
             lambda tmp: train_tokenizer([p + r for p, r in pairs], demo_cfg.vocab_size).save_pretrained(tmp),
         )
     tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-    steps = demo_cfg.student_steps if role == "student" else demo_cfg.teacher_steps
+    steps = role_steps(demo_cfg, role)
     log.info("building the demo %s into %s (first use only)", role, target)
 
     def build(tmp: Path) -> None:
@@ -182,11 +260,7 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
         sft(
             model,
             tokenizer,
-            sft_pairs(
-                task_cfg,
-                wrong_sums=role == "student",
-                style=teacher_style(demo_cfg) if role == "teacher" else "columns",
-            ),
+            role_pairs(task_cfg, demo_cfg, role),
             steps=steps,
             batch_size=demo_cfg.batch_size,
             lr=demo_cfg.lr,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -23,24 +25,58 @@ class Benchmark(NamedTuple):
 
 
 @torch.no_grad()
-def sample_correctness(
+def sample_graded(
     engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, desc: str = "eval"
-) -> list[list[bool]]:
-    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``.
+) -> tuple[list[list[bool]], list[str]]:
+    """Correctness of ``eval.k`` samples per problem from a sampling engine (``[problem][sample]``) and
+    every response's text, in the same order, flat.
 
     Rank 0 shows its progress (``opd_cli.progress``, labelled ``desc``) after each call of
     ``eval.batch_size`` samples, with the accuracy so far.
     """
     out: list[list[bool]] = []
+    every: list[str] = []
     per_call = max(1, ecfg.batch_size // ecfg.k)
     with Progress(len(problems) * ecfg.k, desc, unit="samples") as bar:
         for s, e in chunk_bounds(len(problems), per_call):
             batch = engine.generate(prompts[s:e], ecfg.k, ecfg.temperature, ecfg.top_p, ecfg.max_new_tokens, seed + s)
             texts = engine.decode_responses(batch)
+            every.extend(texts)
             for i in range(e - s):
                 out.append([checker(t, problems[s + i].answer) for t in texts[i * ecfg.k : (i + 1) * ecfg.k]])
             bar.update((e - s) * ecfg.k, acc=f"{avg_at_k(out):.3f}")
-    return out
+    return out, every
+
+
+def sample_correctness(
+    engine, problems: list[Problem], prompts: list[str], checker, ecfg, seed: int, desc: str = "eval"
+) -> list[list[bool]]:
+    """Correctness of ``eval.k`` samples per problem from a sampling engine: ``[problem][sample]``."""
+    return sample_graded(engine, problems, prompts, checker, ecfg, seed, desc)[0]
+
+
+def pattern_rates(texts: Sequence[str], patterns: Mapping[str, str]) -> dict[str, float]:
+    """Per ``eval.patterns`` name, the share of ``texts`` its regular expression matches (``re.search``)."""
+    return {
+        name: sum(re.search(regex, t) is not None for t in texts) / max(1, len(texts))
+        for name, regex in patterns.items()
+    }
+
+
+def evaluate_patterns(
+    engine,
+    problems: list[Problem],
+    prompts: list[str],
+    checker,
+    ecfg,
+    seed: int,
+    desc: str = "eval",
+    patterns: Mapping[str, str] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """avg@k accuracy of a sampling engine and, per ``patterns`` name, the share of its responses the
+    regular expression matches (``pattern_rates``) over the same samples."""
+    correct, texts = sample_graded(engine, problems, prompts, checker, ecfg, seed, desc)
+    return avg_at_k(correct), pattern_rates(texts, patterns or {})
 
 
 def evaluate(

@@ -36,7 +36,7 @@ from opd_cli.training.build import Parts, build
 from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
 from opd_cli.training.data import eval_seed, rollout_seed, step_indices, step_prompts
-from opd_cli.training.evaluation import evaluate
+from opd_cli.training.evaluation import evaluate_patterns
 from opd_cli.training.launch import StopRequest
 from opd_cli.training.logger import MetricsLogger, NullLogger
 from opd_cli.training.samples import Recording, SampleLog
@@ -207,6 +207,23 @@ def step_metrics(
     return metrics
 
 
+def pattern_metrics(rates: dict[str, float], suffix: str = "") -> dict[str, float]:
+    """``eval.patterns``' match rates as logged metrics: ``eval/pattern/<name><suffix>``."""
+    return {f"eval/pattern/{name}{suffix}": rate for name, rate in rates.items()}
+
+
+def pattern_summary(before: dict[str, float], after: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
+    """``eval.patterns``' match rates for summary.json: ``pattern/<name>_before``, ``_after``, ``_teacher``
+    (the teacher's only where one was evaluated)."""
+    out = {}
+    for name in before:
+        out[f"pattern/{name}_before"] = before[name]
+        out[f"pattern/{name}_after"] = after[name]
+        if name in teacher:
+            out[f"pattern/{name}_teacher"] = teacher[name]
+    return out
+
+
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
 
@@ -290,17 +307,21 @@ def train(cfg, run_dir: Path) -> dict:
         every = train_problems + [q for problems in mix_problems(cfg.task) for q in problems]  # task.mix's too
         samples = SampleLog.of_run(cfg.logger, logger, p, every, cfg.task)
 
-    def evaluated(engine, problems, prompts, checker, step: int, phase: str, by_teacher: bool = False) -> float:
-        """avg@k of ``engine`` (progress labelled ``phase``); a few of its responses to samples.jsonl."""
+    def evaluated(
+        engine, problems, prompts, checker, step: int, phase: str, by_teacher: bool = False, patterns=None
+    ) -> tuple[float, dict[str, float]]:
+        """avg@k of ``engine`` (progress labelled ``phase``) and its ``patterns``' match rates (``eval.patterns``);
+        a few of its responses to samples.jsonl."""
         engine = engine if samples is None else Recording(engine)
-        acc = evaluate(engine, problems, prompts, checker, cfg.eval, seed, desc=EVAL_LABELS.get(phase, phase))
+        desc = EVAL_LABELS.get(phase, phase)
+        acc, rates = evaluate_patterns(engine, problems, prompts, checker, cfg.eval, seed, desc, patterns)
         if samples is not None:
             answers = {q: e.answer for q, e in zip(prompts, problems, strict=True)}
             samples.eval(step, engine, answers, phase, checker, by_teacher)
-        return acc
+        return acc, rates
 
-    def evaluate_student(step: int) -> float:
-        return evaluated(p.rollout, eval_problems, p.eval_prompts, p.checker, step, "eval")
+    def evaluate_student(step: int) -> tuple[float, dict[str, float]]:
+        return evaluated(p.rollout, eval_problems, p.eval_prompts, p.checker, step, "eval", patterns=cfg.eval.patterns)
 
     def stop_here(step: int, saved: bool) -> None:
         """A stop request: save this step (unless just saved) and end with ``Stopped``."""
@@ -312,14 +333,26 @@ def train(cfg, run_dir: Path) -> dict:
     try:
         if "acc_before" not in state:
             # no teacher is loaded for an objective that needs nothing from it (sft): no teacher accuracy
-            state["acc_teacher"] = None
+            state["acc_teacher"], state["patterns_teacher"] = None, {}
             log.info("evaluating %sthe student before training", "" if p.teacher is None else "the teacher and ")
             if p.teacher_sampler is not None:
-                state["acc_teacher"] = evaluated(
-                    p.teacher_sampler, eval_problems, p.eval_prompts, p.checker, 0, "eval_teacher", by_teacher=True
+                state["acc_teacher"], state["patterns_teacher"] = evaluated(
+                    p.teacher_sampler,
+                    eval_problems,
+                    p.eval_prompts,
+                    p.checker,
+                    0,
+                    "eval_teacher",
+                    by_teacher=True,
+                    patterns=cfg.eval.patterns,
                 )
-            state["acc_before"] = evaluate_student(0)
-            at_start = {"eval/acc": state["acc_before"], "eval/acc_teacher": state["acc_teacher"]}
+            state["acc_before"], state["patterns_before"] = evaluate_student(0)
+            at_start = {
+                "eval/acc": state["acc_before"],
+                "eval/acc_teacher": state["acc_teacher"],
+                **pattern_metrics(state["patterns_before"]),
+                **pattern_metrics(state["patterns_teacher"], "_teacher"),
+            }
             logger.log(0, {k: v for k, v in at_start.items() if v is not None})
             if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
                 stop_here(0, saved=False)
@@ -336,11 +369,13 @@ def train(cfg, run_dir: Path) -> dict:
                 metrics = opd_step(step, shard(drawn, rank), p, cfg, rank, samples) | mixed
                 last = step == cfg.trainer.max_steps
                 if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                    acc = metrics["eval/acc"] = state["acc_last"] = evaluate_student(step)
+                    acc, state["patterns_last"] = evaluate_student(step)
+                    metrics["eval/acc"] = state["acc_last"] = acc
+                    metrics.update(pattern_metrics(state["patterns_last"]))
                     for name, b in p.benchmarks.items():
                         metrics[f"eval/{name}/acc"] = evaluated(
                             p.rollout, b.problems, b.prompts, b.checker, step, f"eval/{name}"
-                        )
+                        )[0]
                 logger.log(step, metrics)
                 shown = {"loss": f"{metrics['loss']:.3f}", "acc": f"{acc:.2f}"}
                 if "logprob_gap" in metrics:  # a teacher scored the step
@@ -358,6 +393,11 @@ def train(cfg, run_dir: Path) -> dict:
             "acc_teacher": teacher,
             "gap_recovery": None if teacher is None else gap_recovery(after, teacher, state["acc_before"]),
             "step": cfg.trainer.max_steps,
+            **pattern_summary(
+                state.get("patterns_before", {}),
+                state.get("patterns_last", state.get("patterns_before", {})),
+                state.get("patterns_teacher", {}),
+            ),
         }
         if rank.main:
             _write_json(run_dir / "summary.json", summary)
