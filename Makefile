@@ -11,7 +11,7 @@ REPORT_DIR ?= outputs/sweeps/sweep-k
 COLD_START_NAME ?= demo
 COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench cold-start
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench cold-start opsd-rule opsd-answer
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -43,6 +43,12 @@ eval: $(STAMP) ## opd-eval: a model on benchmarks, e.g. ARGS="model.name_or_path
 
 cold-start: $(STAMP) ## off-policy cold start on the demo's mismatched pair: teacher rollouts, SFT, OPD from it (outputs/cold_start/<COLD_START_NAME>/{data,sft,opd}); ARGS go to every stage
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/cold_start.sh $(COLD_START_DIR) demo.teacher_style=tens_first $(ARGS)
+
+opsd-rule: $(STAMP) ## self-distillation on the demo: demo:rule learns to follow its system prompt without seeing it (experiment=demo_opsd_rule)
+	$(VENV)/bin/opd-train experiment=demo_opsd_rule $(ARGS)
+
+opsd-answer: $(STAMP) ## self-distillation on the demo: demo:hint taught by itself shown the answer (experiment=demo_opsd_answer)
+	$(VENV)/bin/opd-train experiment=demo_opsd_answer $(ARGS)
 
 study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, plots, report.md (outputs/studies/variance)
 	$(VENV)/bin/opd-study variance $(ARGS)

@@ -85,6 +85,8 @@ PLAN = {
         "covered", "tests/tasks/test_chat_template_from.py::test_a_run_trains_and_evaluates_on_the_teacher_template"),
     "opd-train experiment=paper_b_aligned_prompts task.mix.0.path=aligned/problems.jsonl": (
         "refused", r"^error: task\.mix\.0\.path: file not found: aligned/problems\.jsonl"),
+    "make opsd-rule": ("covered", "tests/commands/test_opsd_demo.py::test_the_rule_preset_trains_and_measures_the_rule"),
+    "make opsd-answer": ("covered", "tests/commands/test_opsd_demo.py::test_the_answer_preset_trains_with_the_hinted_teacher"),
 }  # fmt: skip
 
 
