@@ -36,8 +36,16 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherPromptConfig:
+    system: str | None = None
+    question: str | None = None
+    chat_template_from: str = "student"
+
+
+@dataclass
 class TeacherConfig:
     name_or_path: str = "demo:teacher"
+    self_weights: str = "initial"
     dtype: str = "float32"
     trust_remote_code: bool = False
     backend: str = "hf"
@@ -47,6 +55,7 @@ class TeacherConfig:
     url: str | None = None
     sleep: bool | None = None
     temperature: float = 1.0
+    prompt: TeacherPromptConfig = field(default_factory=TeacherPromptConfig)
 
 
 @dataclass

@@ -46,6 +46,7 @@ from opd_cli.tasks.alignment import model_path, read_texts
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
 from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
+from opd_cli.teacher.context import SELF, SELF_WEIGHTS, check_teacher_prompt, is_live, is_self
 from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
@@ -68,6 +69,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "rollout.engine": tuple(ROLLOUT_ENGINES),
         "task.name": ("arith", "hub"),
         "task.chat_template_from": CHAT_TEMPLATE_FROM,
+        "teacher.self_weights": SELF_WEIGHTS,
+        "teacher.prompt.chat_template_from": CHAT_TEMPLATE_FROM,
         "trainer.engine": ("torch", "deepspeed"),
         "trainer.device": DEVICES,
         "trainer.lr_schedule": ("constant", "cosine"),
@@ -196,7 +199,7 @@ def check_world(trainer: Any) -> None:
         raise UserError(f"trainer.node_rank: must be in [0, {trainer.nnodes}), got {trainer.node_rank}")
     if not 0 <= trainer.master_port < 65536:
         raise UserError(f"trainer.master_port: must be a port number (0: pick a free one), got {trainer.master_port}")
-    stage = trainer.deepspeed.get("zero_optimization", {}).get("stage", 0) if trainer.deepspeed else 0
+    stage = zero_stage(trainer)
     if stage not in (0, 1, 2, 3):
         raise UserError(f"trainer.deepspeed.zero_optimization.stage: must be 0, 1, 2 or 3, got {stage}")
 
@@ -255,7 +258,7 @@ def check_lora(cfg: Any) -> None:
         )
     if "lm_head" in lora.target_modules:
         raise UserError("model.lora.target_modules: lm_head cannot get an adapter (the objectives read its weight)")
-    stage = cfg.trainer.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.trainer.deepspeed else 0
+    stage = zero_stage(cfg.trainer)
     if cfg.trainer.engine == "deepspeed" and stage == 3:
         raise UserError(
             "model.lora.enabled: LoRA does not train under DeepSpeed ZeRO stage 3; use trainer=zero1 or trainer=zero2"
@@ -446,7 +449,10 @@ def validate(cfg: Any) -> None:
     check_world(cfg.trainer)
     check_devices(cfg)
     check_rollout_data(cfg)
-    check_teacher_supplies(make_objective(cfg.loss), backend_supplies(cfg.teacher), cfg.teacher.backend)
+    student_sharded = zero_stage(cfg.trainer) == 3 and cfg.trainer.engine == "deepspeed"
+    check_teacher_supplies(
+        make_objective(cfg.loss), backend_supplies(cfg.teacher, student_sharded), cfg.teacher.backend
+    )
     check_precision(cfg)
     check_lora(cfg)
     if cfg.teacher.url is not None and cfg.teacher.backend != "vllm":
@@ -459,6 +465,7 @@ def validate(cfg: Any) -> None:
         raise UserError("teacher.shard: only the hf teacher backend is sharded (vLLM keeps its own copy)")
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
+    check_self_teacher(cfg)
     check_training_task(cfg.task)
     check_mix(cfg)
     if cfg.task.chat_template_from == "teacher" and not cfg.task.chat_template:
@@ -471,9 +478,44 @@ def validate(cfg: Any) -> None:
         for name in cfg.eval.benchmarks:
             key = f"eval.benchmark_paths.{name}"
             check_task_data(task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", key), key, key)
+    if needs_teacher(cfg.loss):
+        check_teacher_prompt(cfg.teacher, cfg.task, has_solutions=cfg.task.name == "arith")
     # no teacher is loaded for an objective that needs nothing from it (sft)
-    teacher = needs_teacher(cfg.loss) or cfg.task.chat_template_from == "teacher"
+    teacher = needs_teacher(cfg.loss) or "teacher" in (
+        cfg.task.chat_template_from,
+        cfg.teacher.prompt.chat_template_from,
+    )
     check_models(cfg, ("model.name_or_path", "teacher.name_or_path") if teacher else ("model.name_or_path",))
+
+
+def zero_stage(tcfg: Any) -> int:
+    """The ZeRO stage of ``trainer.deepspeed`` (0: none)."""
+    return tcfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if tcfg.deepspeed else 0
+
+
+def check_self_teacher(cfg: Any) -> None:
+    """``teacher=self``: live weights are scored where they live (the trained model, or the rollout's vLLM
+    engine), so nothing that would hold another copy of them goes with it."""
+    tc = cfg.teacher
+    if tc.self_weights == "live" and not is_self(tc):
+        raise UserError(
+            "teacher.self_weights: live weights are the student's own; set teacher.name_or_path=self (teacher=self) "
+            "or teacher.self_weights=initial"
+        )
+    if not is_live(tc):
+        return
+    if tc.url is not None:
+        raise UserError("teacher.url: a teacher server holds its own weights, not the live student's; "
+                        "use teacher.self_weights=initial or drop teacher.url")  # fmt: skip
+    if tc.shard:
+        raise UserError(
+            "teacher.shard: the live self-teacher is the student, sharded as the student is (trainer=zero3)"
+        )
+    if tc.backend == "vllm" and cfg.rollout.engine != "vllm":
+        raise UserError(
+            "teacher.backend: a live self-teacher on vllm scores with the rollout's vLLM engine; set rollout=vllm, "
+            "or teacher.backend=hf (the trained model scores)"
+        )
 
 
 def resumes(cfg: Any) -> bool:
@@ -498,6 +540,8 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
     found = {}
     for key in keys:
         value = _get(cfg, key)
+        if key == "teacher.name_or_path" and value == SELF:  # the student's own model, checked as the student
+            continue
         if value.startswith("demo:"):
             if value.removeprefix("demo:") not in DEMO_ROLES:
                 raise UserError(f"{key}: '{value}' is not one of: {', '.join(f'demo:{r}' for r in DEMO_ROLES)}")
@@ -513,6 +557,8 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
             server = group == "teacher" and cfg.teacher.url is not None  # the server holds the weights
             found[key] = preflight(value, key, _get(cfg, f"{group}.trust_remote_code"), weights=not server)
     student, teacher = found.get("model.name_or_path"), found.get("teacher.name_or_path")
+    if "teacher.name_or_path" in keys and is_self(cfg.teacher) and not is_live(cfg.teacher):
+        teacher = student  # a frozen copy of the student's starting model
     if (
         teacher
         and "trainer" in cfg
@@ -556,7 +602,7 @@ def check_memory(
     """
     t = cfg.trainer
     world = t.nproc_per_node * t.nnodes
-    stage = t.deepspeed.get("zero_optimization", {}).get("stage", 0) if t.deepspeed else 0
+    stage = zero_stage(t)
     params = parameter_count(student)
     in_process = teacher is not None and cfg.teacher.backend == "hf" and cfg.teacher.url is None
     teacher_params = parameter_count(meta_model(teacher, cfg.teacher.trust_remote_code)) if in_process else 0

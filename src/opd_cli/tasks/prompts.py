@@ -12,10 +12,15 @@ from opd_cli.tasks.problems import Problem
 TEMPLATE_FIELDS = ("question",)
 
 
-def check_template(template: str, key: str = "task.template") -> None:
-    """``template`` is a ``str.format`` string whose only placeholder is ``{question}`` (at least
-    once); a literal brace is written twice (``\\boxed{{}}``)."""
-    allowed = ", ".join(f"{{{name}}}" for name in TEMPLATE_FIELDS)
+def check_template(
+    template: str,
+    key: str = "task.template",
+    fields: tuple[str, ...] = TEMPLATE_FIELDS,
+    required: str | None = "question",
+) -> None:
+    """``template`` is a ``str.format`` string whose placeholders are among ``fields`` (``required``, if
+    given, at least once); a literal brace is written twice (``\\boxed{{}}``)."""
+    allowed = ", ".join(f"{{{name}}}" for name in fields)
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:  # a single '{' or '}'
@@ -23,35 +28,48 @@ def check_template(template: str, key: str = "task.template") -> None:
             f"{key}: a stray brace ({e}); the template may use {allowed}, and a literal brace is written {{{{ or }}}}"
         ) from None
     for name in names:
-        if name not in TEMPLATE_FIELDS:
+        if name not in fields:
             raise UserError(
                 f"{key}: unknown placeholder '{{{name}}}'; the template may use {allowed} "
                 "(a literal brace is written {{ or }})"
             )
-    if not names:
-        raise UserError(f"{key}: must contain '{{question}}'")
+    if required is not None and required not in names:
+        raise UserError(f"{key}: must contain '{{{required}}}'")
     try:  # a conversion or format spec that cannot fill in a string, e.g. {question:d}
-        template.format(**dict.fromkeys(TEMPLATE_FIELDS, ""))
+        template.format(**dict.fromkeys(fields, ""))
     except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
-        raise UserError(f"{key}: cannot fill in {{question}} ({e}); the template may use {allowed}") from None
+        what = f"{{{required}}}" if required else "its placeholders"
+        raise UserError(f"{key}: cannot fill in {what} ({e}); the template may use {allowed}") from None
+
+
+def problem_question(problem: Problem, task_cfg) -> str:
+    """The problem's question: ``task.question_regex``'s group ``question`` takes the problem out of a row
+    that wraps it in its own instructions; a row it does not match keeps its whole text."""
+    if task_cfg.question_regex and (match := re.search(task_cfg.question_regex, problem.question)):
+        return match.group("question")
+    return problem.question
 
 
 def format_prompt(
     problem: Problem, task_cfg, tokenizer, chat_template_key: str = "task.chat_template", system: str | None = None
 ) -> str:
-    """The prompt text: ``task.template`` filled in, in the chat template if asked.
+    """The prompt text: ``task.template`` filled in with the problem's question, in the chat template if asked.
+
+    ``chat_template_key`` is the key that asks for the chat template in the running command
+    (opd-eval's is the top-level ``chat_template``), for the error message. ``system`` is a system
+    prompt (``prompt_text``).
+    """
+    return prompt_text(problem_question(problem, task_cfg), task_cfg, tokenizer, chat_template_key, system)
+
+
+def prompt_text(
+    question: str, task_cfg, tokenizer, chat_template_key: str = "task.chat_template", system: str | None = None
+) -> str:
+    """``task.template`` filled in with ``question``, in the chat template if asked.
 
     ``system`` is a system prompt: a system message in the chat template, or its own line before the
     filled-in template without one (the teacher's privileged context, ``teacher.prompt.system``).
-
-    ``task.question_regex`` first takes the problem out of a row that wraps it in its own
-    instructions (its group ``question``); a row it does not match keeps its whole text.
-    ``chat_template_key`` is the key that asks for the chat template in the running command
-    (opd-eval's is the top-level ``chat_template``), for the error message.
     """
-    question = problem.question
-    if task_cfg.question_regex and (match := re.search(task_cfg.question_regex, question)):
-        question = match.group("question")
     try:
         text = task_cfg.template.format(question=question)
     except (IndexError, KeyError, ValueError, AttributeError, TypeError):

@@ -6,6 +6,8 @@ gradient; it supplies everything an objective can need, the full distribution in
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from opd_cli.batch import RolloutBatch, TeacherSupport, chunk_bounds
@@ -22,24 +24,35 @@ def scaled_head(weight: torch.Tensor, temperature: float) -> torch.Tensor:
 class TeacherScorer(torch.nn.Module):
     """One micro-batch of teacher scoring as a module forward (so ZeRO-3 can gather the head it reads)."""
 
-    def __init__(self, model, temperature: float = 1.0) -> None:
+    def __init__(self, model, temperature: float = 1.0, gather_head: bool = False) -> None:
         super().__init__()
         self.model = model
         self.temperature = temperature
+        self.gather_head = gather_head  # a ZeRO-3 partitioned model read outside its engine (the live student)
 
     def forward(self, micro: RolloutBatch, k: int, chunk_tokens: int, keep_hidden: bool):
         h, y = response_hidden(self.model, micro)
-        weight = scaled_head(lm_head_weight(self.model), self.temperature)
         ids, lps, sampled, entropy = [], [], [], []
-        for s, e in chunk_bounds(h.shape[0], chunk_tokens):
-            logp = full_logprobs(h[s:e], weight)
-            top = logp.topk(k, dim=-1)
-            ids.append(top.indices.cpu())
-            lps.append(top.values.cpu())
-            sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
-            entropy.append(-(logp.exp() * logp).sum(-1).cpu())
+        with gathered(lm_head_weight(self.model), self.gather_head):
+            weight = scaled_head(lm_head_weight(self.model), self.temperature)
+            for s, e in chunk_bounds(h.shape[0], chunk_tokens):
+                logp = full_logprobs(h[s:e], weight)
+                top = logp.topk(k, dim=-1)
+                ids.append(top.indices.cpu())
+                lps.append(top.values.cpu())
+                sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
+                entropy.append(-(logp.exp() * logp).sum(-1).cpu())
         kept = h.cpu() if keep_hidden else h.new_empty(0).cpu()
         return kept, torch.cat(ids), torch.cat(lps), torch.cat(sampled), torch.cat(entropy)
+
+
+def gathered(weight: torch.Tensor, enabled: bool):
+    """The whole of a ZeRO-3 partitioned ``weight`` inside the block (every rank must enter it), when ``enabled``."""
+    if not enabled:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
 
 
 class HFTeacher:
@@ -51,20 +64,37 @@ class HFTeacher:
     ``shard=True`` (DeepSpeed engine only) partitions its parameters across ranks with
     ZeRO-3 inference instead of keeping a full copy on every rank. Its head is then not
     available outside the scoring pass, so it supplies top-K and sampled log-probs only.
+
+    ``live=True`` scores with the student being trained (``teacher=self teacher.self_weights=live``):
+    the same parameters, no copy, left trainable, scored in eval mode without gradient. ``sharded``
+    then says the student is ZeRO-3 partitioned (its head is gathered for the scoring pass only,
+    so the full q is not supplied). An objective that needs the full q gets a copy of the head as
+    it was when the step was scored (the student's own head moves with every optimizer step).
     """
 
     supplies = frozenset({"sampled_logprob", "topk", "full"})  # unsharded; see __init__
 
     def __init__(
-        self, model, micro_batch_size: int, chunk_tokens: int, shard: bool = False, temperature: float = 1.0
+        self,
+        model,
+        micro_batch_size: int,
+        chunk_tokens: int,
+        shard: bool = False,
+        temperature: float = 1.0,
+        live: bool = False,
+        sharded: bool = False,
     ) -> None:
-        self.model = model.eval().requires_grad_(False)
+        self.live = live
+        self.model = model if live else model.eval().requires_grad_(False)
         self.micro_batch_size = micro_batch_size
         self.chunk_tokens = chunk_tokens
         self.temperature = temperature
         self.vocab_size = lm_head_weight(model).shape[0]
-        self.scorer = TeacherScorer(self.model, temperature)
-        self.sharded = shard
+        self.scorer = TeacherScorer(self.model, temperature, gather_head=live and sharded)
+        self._head: torch.Tensor | None = None  # live: a copy of the head as it was at the last scoring
+        self.sharded = shard or (live and sharded)
+        if live and sharded:
+            self.supplies = frozenset({"sampled_logprob", "topk"})
         if shard:
             import deepspeed
 
@@ -77,7 +107,11 @@ class HFTeacher:
     @property
     def head(self) -> torch.Tensor:
         """The LM head objectives use with ``TeacherSupport.hidden`` for the full ``q_t`` (temperature applied)."""
-        return scaled_head(lm_head_weight(self.model), self.temperature)
+        if not self.live:
+            return scaled_head(lm_head_weight(self.model), self.temperature)
+        if self._head is None and not self.sharded:  # made on first use: only objectives needing the full q ask
+            self._head = scaled_head(lm_head_weight(self.model).detach(), self.temperature).clone()
+        return self._head
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, k: int, keep_hidden: bool = False) -> TeacherSupport:
@@ -88,7 +122,14 @@ class HFTeacher:
         """
         parts = []
         k = min(k, self.vocab_size)
-        for r0, r1 in chunk_bounds(batch.input_ids.shape[0], self.micro_batch_size):
-            parts.append(self.scorer(batch.select(torch.arange(r0, r1)), k, self.chunk_tokens, keep_hidden))
+        training = self.model.training
+        self.model.eval()  # the live student is in training mode between steps
+        try:
+            for r0, r1 in chunk_bounds(batch.input_ids.shape[0], self.micro_batch_size):
+                parts.append(self.scorer(batch.select(torch.arange(r0, r1)), k, self.chunk_tokens, keep_hidden))
+        finally:
+            self.model.train(training)
+        if self._head is not None:  # live: the head the objective reads is the one that scored
+            self._head.copy_(scaled_head(lm_head_weight(self.model).detach(), self.temperature))
         hidden, ids, lps, sampled, entropy = (torch.cat(p) for p in zip(*parts, strict=True))
         return TeacherSupport(ids, lps, sampled, entropy, hidden if keep_hidden else None)

@@ -23,6 +23,7 @@ from opd_cli.objectives.base import Objective
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.rollout.vllm import VLLMRollout
+from opd_cli.teacher.context import is_live
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.teacher.server import VLLMServerTeacher
 from opd_cli.teacher.vllm import VLLMTeacher
@@ -65,11 +66,23 @@ def vllm_backend(cfg, path: str, tokenizer, device: torch.device, max_len: int) 
     return VLLMTeacher(memory.llm, memory), VLLMRollout(memory.llm, tokenizer, memory), rows
 
 
-def backend_supplies(tc) -> frozenset[str]:
-    """What the teacher backend ``tc`` (a teacher config) supplies, known before it is built."""
+def live_teacher(cfg, model, sharded: bool, rollout) -> tuple[TeacherBackend, Sampler]:
+    """The student's current weights as its own teacher (``teacher=self teacher.self_weights=live``), and the
+    sampler of its evaluation (the student's rollout engine, after the teacher's prompts): the trained model
+    itself (hf), or the rollout's vLLM engine, which holds the weights that sampled the step (vllm)."""
+    tc = cfg.teacher
+    if tc.backend == "vllm":
+        return VLLMTeacher(rollout.llm), rollout
+    return HFTeacher(model, tc.micro_batch_size, cfg.loss.chunk_tokens, False, tc.temperature, True, sharded), rollout
+
+
+def backend_supplies(tc, student_sharded: bool = False) -> frozenset[str]:
+    """What the teacher backend ``tc`` (a teacher config) supplies, known before it is built
+    (``student_sharded``: the student is ZeRO-3 partitioned, which a live self-teacher shares)."""
     if tc.backend == "vllm":
         return VLLMTeacher.supplies
-    return frozenset({"sampled_logprob", "topk"}) if tc.shard else HFTeacher.supplies
+    partitioned = tc.shard or (is_live(tc) and student_sharded)
+    return frozenset({"sampled_logprob", "topk"}) if partitioned else HFTeacher.supplies
 
 
 # teacher.backend -> builder

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from opd_cli.batch import RolloutBatch
 from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precision
 from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
@@ -23,7 +24,8 @@ from opd_cli.rollout.registry import DATA_ENGINES, RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.problems import mix_problems, mix_weights
 from opd_cli.tasks.prompts import format_prompt, with_chat_template
-from opd_cli.teacher.registry import check_teacher_supplies, make_teacher
+from opd_cli.teacher.context import TeacherPrompts, differs, is_live, teacher_model_name, teacher_prompt
+from opd_cli.teacher.registry import check_teacher_supplies, live_teacher, make_teacher
 from opd_cli.training.data import Mix, prompt_length, training_prompts
 from opd_cli.training.evaluation import Benchmark, load_benchmarks
 from opd_cli.training.trainers import make_trainer
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def resolve_models(cfg, ckpt: Path | None, rank: Rank, teacher: bool = True) -> tuple[str, str | None]:
     """Student and teacher paths (the teacher's None unless ``teacher``); rank 0 builds the demo models
-    (first use) while the others wait.
+    (first use) while the others wait. ``teacher=self``'s is the student's starting model, also on resume.
 
     A resumed student comes from the checkpoint, except under LoRA: then from its base (the
     adapter is loaded onto it, ``build``)."""
@@ -41,7 +43,7 @@ def resolve_models(cfg, ckpt: Path | None, rank: Rank, teacher: bool = True) -> 
     for turn in (True, False):
         if rank.main == turn:
             s_path = str(ckpt / "model") if resumed else resolve_path(cfg.model.name_or_path, cfg)
-            t_path = resolve_path(cfg.teacher.name_or_path, cfg) if teacher else None
+            t_path = resolve_path(teacher_model_name(cfg), cfg) if teacher else None
         barrier()
     return s_path, t_path
 
@@ -63,6 +65,13 @@ class Parts:
     rollout: RolloutEngine
     benchmarks: dict[str, Benchmark]  # scored during training (eval.benchmarks)
     mix: Mix | None = None  # task.mix: each step's prompts drawn from several sources
+    teacher_prompts: TeacherPrompts | None = None  # teacher.prompt: the teacher's own prompt of each training prompt
+    teacher_eval_prompts: list[str] | None = None  # the eval prompts as the teacher sees them (its evaluation)
+    live_teacher: bool = False  # teacher=self with live weights: scored by the rollout's own engine (kept awake)
+
+    def teacher_view(self, batch: RolloutBatch, prompts: list[str]) -> RolloutBatch:
+        """``batch`` as the teacher scores it: after its own prompts, where ``teacher.prompt`` gives them."""
+        return batch if self.teacher_prompts is None else self.teacher_prompts.view(batch, prompts)
 
 
 def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
@@ -70,11 +79,13 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
 
     The teacher is loaded only if the objective needs something from it (not for ``sft``)."""
     uses_teacher = needs_teacher(cfg.loss)
-    teacher_template = cfg.task.chat_template_from == "teacher"
-    s_path, t_path = resolve_models(cfg, ckpt, rank, uses_teacher or teacher_template)
+    live = uses_teacher and is_live(cfg.teacher)
+    teacher_template = cfg.task.chat_template_from == "teacher" or cfg.teacher.prompt.chat_template_from == "teacher"
+    s_path, t_path = resolve_models(cfg, ckpt, rank, (uses_teacher and not live) or teacher_template)
     s_tok = load_tokenizer(s_path, "model.name_or_path", cfg.model.trust_remote_code)
-    if teacher_template:  # the student's prompts in the teacher's chat template (training and evaluation)
-        s_tok = with_chat_template(s_tok, load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code))
+    t_tok = s_tok if t_path is None else load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    if cfg.task.chat_template_from == "teacher":  # the student's prompts in the teacher's chat template
+        s_tok = with_chat_template(s_tok, t_tok)
     precision = student_precision(cfg)
     # bf16-mixed loads float32 weights: the engine keeps them as master weights and computes in bfloat16
     cpu_linear = cfg.trainer.cpu_linear if COMPUTE_DTYPE[precision] == "float32" else "blas"
@@ -103,19 +114,20 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     benchmarks = load_benchmarks(cfg, s_tok)
     every_eval_prompt = eval_prompts + [q for b in benchmarks.values() for q in b.prompts]
     longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
+    teacher_prompts = teacher_eval_prompts = None
+    if uses_teacher and differs(cfg.teacher):  # teacher.prompt: the teacher scores after its own prompts
+        pc, t_fmt = cfg.teacher.prompt, t_tok if cfg.teacher.prompt.chat_template_from == "teacher" else s_tok
+        pairs = {format_prompt(q, cfg.task, s_tok): teacher_prompt(q, cfg.task, pc, t_fmt) for q in train_problems}
+        teacher_prompts = TeacherPrompts(pairs, t_tok)
+        teacher_eval_prompts = [teacher_prompt(q, cfg.task, pc, t_fmt) for q in eval_problems]
+        longest = max([longest, teacher_prompts.longest()] + [prompt_length(t_tok, q) for q in teacher_eval_prompts])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher = teacher_sampler = None
-    if uses_teacher:
-        t_tok = load_tokenizer(t_path, "teacher.name_or_path", cfg.teacher.trust_remote_code)
+    if uses_teacher and not live:
         teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
         # config.validate.check_models compares the files before the run directory exists; this costs nothing
         # and covers what it could not see (a resumed student, a hub model downloaded just now)
         check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
-    objective = make_objective(cfg.loss, None if teacher is None else teacher.head)
-    if rank.main and (why := degenerate(cfg.loss)):
-        log.warning(why)
-    if teacher is not None:
-        check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
     trainer = make_trainer(student, cfg.trainer, rank, precision)
     spec = RolloutSpec(
@@ -125,6 +137,14 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     rollout = make_rollout(cfg.rollout, spec)
     if ckpt is not None and cfg.model.lora.enabled:
         rollout.sync(trainer.model, trainer.sharded)  # a vLLM engine loaded the base: give it the adapted weights
+    if live:  # the student's current weights score: no second copy
+        teacher, teacher_sampler = live_teacher(cfg, trainer.model, trainer.sharded, rollout)
+    needs = make_objective(cfg.loss).teacher_needs
+    objective = make_objective(cfg.loss, teacher.head if teacher is not None and "full" in needs else None)
+    if rank.main and (why := degenerate(cfg.loss)):
+        log.warning(why)
+    if teacher is not None:
+        check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
     return Parts(
         s_tok,
         train_prompts,
@@ -139,4 +159,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         rollout,
         benchmarks,
         mix,
+        teacher_prompts,
+        teacher_eval_prompts,
+        live,
     )

@@ -130,11 +130,15 @@ def opd_step(
     clock = PhaseClock(trainer.model.device)
     with clock.phase("rollout"):
         prompts, batch = step_batch(step, prompts, p, cfg, rank)
-        p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
+        if not p.live_teacher:  # a live self-teacher scores with the rollout's engine: it sleeps after that
+            p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     with clock.phase("teacher"):
         support = None
-        if p.teacher is not None:
-            support = p.teacher.score(batch, teacher_k(lc), keep_hidden="full" in p.objective.teacher_needs)
+        if p.teacher is not None:  # after the teacher's own prompts, where teacher.prompt gives them
+            full = "full" in p.objective.teacher_needs
+            support = p.teacher.score(p.teacher_view(batch, prompts), teacher_k(lc), keep_hidden=full)
+        if p.live_teacher:
+            p.rollout.release()
     if samples is not None and samples.due(step):  # logger.samples_every: a few responses to samples.jsonl
         samples.train(step, prompts, batch, support, p.rollout)
     with clock.phase("student"):
@@ -336,10 +340,11 @@ def train(cfg, run_dir: Path) -> dict:
             state["acc_teacher"], state["patterns_teacher"] = None, {}
             log.info("evaluating %sthe student before training", "" if p.teacher is None else "the teacher and ")
             if p.teacher_sampler is not None:
+                teacher_prompts = p.teacher_eval_prompts or p.eval_prompts  # teacher.prompt: with what it sees
                 state["acc_teacher"], state["patterns_teacher"] = evaluated(
                     p.teacher_sampler,
                     eval_problems,
-                    p.eval_prompts,
+                    teacher_prompts,
                     p.checker,
                     0,
                     "eval_teacher",
