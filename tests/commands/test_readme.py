@@ -81,6 +81,10 @@ PLAN = {
         "covered", "tests/tasks/test_alignment.py::test_aligned_prompts_keeps_the_math_problems_and_writes_every_output"),
     "opd-train 'task.mix=[{path: outputs/data/<date>/<time>/problems.jsonl, weight: 0.5}]'": (
         "covered", "tests/training/test_mix.py::test_two_steps_on_the_demo_with_a_mix_log_the_realised_shares"),
+    'opd-train teacher=self teacher.prompt.system="Add the tens first."': (
+        "covered", "tests/commands/test_self_teacher.py::test_live_and_initial_self_teachers_take_the_same_first_step"),
+    "opd-train teacher=self teacher.self_weights=live 'teacher.prompt.question=\"{question} The answer is {answer}.\"'": (
+        "covered", "tests/models/test_vllm.py::test_cli_self_teacher_on_the_rollout_engine (the same on vLLM)"),
     "opd-train task.chat_template=true task.chat_template_from=teacher": (
         "covered", "tests/tasks/test_chat_template_from.py::test_a_run_trains_and_evaluates_on_the_teacher_template"),
     "opd-train experiment=paper_b_aligned_prompts task.mix.0.path=aligned/problems.jsonl": (

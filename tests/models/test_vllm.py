@@ -12,11 +12,28 @@ import torch
 from opd_cli.models.vllm import HARMLESS_VLLM_MESSAGES, DropMessages, make_llm
 from opd_cli.rollout.hf import HFRollout
 from opd_cli.rollout.vllm import VLLMRollout
+from opd_cli.teacher.context import TeacherPrompts
 from opd_cli.teacher.hf import HFTeacher
 from opd_cli.teacher.vllm import VLLMTeacher
 
 from ..conftest import metrics, opd_train
 from ..rollout.test_hf import PROMPTS, unpadded_logprobs
+from ..teacher.test_context import plain_logprobs, responses
+
+# each prompt's teacher prompt: privileged information before or inside it (other lengths than the student's)
+TEACHER = {p: ("Add the tens first.\n" if i % 2 else "") + p.replace("\nAnswer:", " The answer is 42.\nAnswer:")
+           for i, p in enumerate(PROMPTS)}  # fmt: skip
+
+
+def assert_plain_forward(support, batch, model, tokenizer) -> None:
+    """``support``'s sampled-token log-probs are a plain forward's of each teacher prompt and response."""
+    flat = 0
+    for row, response in enumerate(responses(batch)):
+        ref = plain_logprobs(model, tokenizer, TEACHER[PROMPTS[int(batch.prompt_index[row])]], response)
+        got = support.sampled_logprob[flat : flat + len(response)].double()
+        torch.testing.assert_close(got, ref.gather(-1, torch.tensor(response)[:, None])[:, 0], atol=1e-3, rtol=0)
+        flat += len(response)
+
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +61,12 @@ def test_teacher_topk_matches_hf(llm, tiny_model, tiny_tokenizer):
     torch.testing.assert_close(vl.topk_logprobs, hf.topk_logprobs, atol=1e-3, rtol=0)
     torch.testing.assert_close(vl.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
     assert (vl.entropy <= hf.entropy + 1e-3).all()  # the top-K + tail estimate is a lower bound
+    # after the teacher's own prompts (teacher.prompt): the same as HF's, and as a plain forward
+    view = TeacherPrompts(TEACHER, tiny_tokenizer).view(batch, PROMPTS)
+    vl, hf = VLLMTeacher(llm).score(view, k), HFTeacher(copy.deepcopy(tiny_model), 4, 16).score(view, k)
+    assert torch.equal(vl.topk_ids, hf.topk_ids)
+    torch.testing.assert_close(vl.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
+    assert_plain_forward(vl, batch, tiny_model, tiny_tokenizer)
 
 
 def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer):
@@ -62,10 +85,6 @@ def test_sampler_logprobs_match_hf_recomputation(llm, tiny_model, tiny_tokenizer
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=0)
         response = batch.input_ids[row][batch.response_mask[row]]
         assert bool(batch.truncated[row]) == (eos not in response.tolist())
-
-
-def responses(batch) -> list[list[int]]:
-    return [r[batch.response_mask[i]].tolist() for i, r in enumerate(batch.input_ids)]
 
 
 def test_seeded_sampling_past_one_step_token_budget_is_reproducible(llm, tiny_tokenizer):
@@ -179,6 +198,16 @@ def test_cli_with_vllm_rollouts_and_teacher(tmp_path, models_dir):
     assert all(r["grad_norm"] > 0 for r in rows[1:])
 
 
+def test_cli_self_teacher_on_the_rollout_engine(tmp_path, models_dir):
+    """teacher=self with live weights on vllm: the rollout's engine scores after the privileged question."""
+    args = ["rollout=vllm", "teacher.backend=vllm", "teacher=self", "teacher.self_weights=live", "logger=none",
+            "teacher.prompt.question='{question} The answer is {answer}.'", "trainer.max_steps=1"]  # fmt: skip
+    opd_train(tmp_path, models_dir, *args)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["grad_norm"] > 0
+    assert rows[0]["eval/acc_teacher"] >= 0  # the student after the teacher's prompt
+
+
 def test_cli_with_vllm_on_two_ranks(tmp_path, models_dir):
     args = ["rollout=vllm", "teacher.backend=vllm", "trainer=zero2", "trainer.nproc_per_node=2", "logger=none"]
     opd_train(tmp_path, models_dir, *args, "trainer.max_steps=2")
@@ -250,6 +279,10 @@ def test_teacher_server_matches_hf(teacher_server, models_dir):
     got = server.score(batch, 8)
     assert torch.equal(got.topk_ids, hf.topk_ids)
     torch.testing.assert_close(got.topk_logprobs, hf.topk_logprobs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
+    view = TeacherPrompts(TEACHER, tok).view(batch, PROMPTS)  # after the teacher's own prompts
+    got, hf = server.score(view, 8), HFTeacher(model, micro_batch_size=4, chunk_tokens=16).score(view, 8)
+    assert torch.equal(got.topk_ids, hf.topk_ids)
     torch.testing.assert_close(got.sampled_logprob, hf.sampled_logprob, atol=1e-3, rtol=0)
     sampled = server.generate(PROMPTS, 2, 1.0, 1.0, 12, seed=0)
     assert sampled.input_ids.shape[0] == 2 * len(PROMPTS)

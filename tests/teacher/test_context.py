@@ -2,6 +2,7 @@
 prompt and the same response tokens; the live self-teacher gets no gradient and keeps no copy; bad values."""
 
 import copy
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from opd_cli.config.validate import validate
 from opd_cli.errors import UserError
 from opd_cli.rollout.hf import HFRollout
-from opd_cli.tasks.problems import Problem
-from opd_cli.teacher.context import TeacherPrompts, reprompt, teacher_prompt
+from opd_cli.tasks.problems import Problem, read_problems
+from opd_cli.teacher.context import TeacherPrompts, check_teacher_prompt, reprompt, teacher_prompt
 from opd_cli.teacher.hf import HFTeacher
 
 from ..conftest import compose_cfg
@@ -113,11 +114,13 @@ def test_teacher_prompt_fills_in_the_privileged_information(tiny_tokenizer):
     task = SimpleNamespace(template="Question: {question}\nAnswer:", chat_template=False, question_regex=None,
                            chat_template_kwargs={})  # fmt: skip
     q = Problem(question="5+7?", answer="12", solution="5+7=12")
-    pc = SimpleNamespace(system="Add the tens first.", question="{question} Hint: {solution} ({answer})")
+    pc = SimpleNamespace(system="Add the tens first.", question="{question} Hint: {solution} ({answer})", template=None)
     assert (
         teacher_prompt(q, task, pc, tiny_tokenizer) == "Add the tens first.\nQuestion: 5+7? Hint: 5+7=12 (12)\nAnswer:"
     )
-    pc = SimpleNamespace(system=None, question=None)
+    pc = SimpleNamespace(system=None, question=None, template="{question}\nThe answer is {answer}. Now solve:")
+    assert teacher_prompt(q, task, pc, tiny_tokenizer) == "5+7?\nThe answer is 12. Now solve:"
+    pc = SimpleNamespace(system=None, question=None, template=None)
     assert teacher_prompt(q, task, pc, tiny_tokenizer) == "Question: 5+7?\nAnswer:"
 
 
@@ -136,8 +139,26 @@ def test_teacher_prompt_fills_in_the_privileged_information(tiny_tokenizer):
         (["teacher=self", "teacher.self_weights=now"], r"^teacher\.self_weights: 'now' is not one of: initial, live"),
         (["teacher.prompt.chat_template_from=teacher"], r"^teacher\.prompt\.chat_template_from: the teacher's chat template is used only with task\.chat_template=true"),
         (["teacher=self", "teacher.prompt.system=' '"], r"^teacher\.prompt\.system: is empty"),
+        (["teacher=self", "teacher.prompt.template='{question'"], r"^teacher\.prompt\.template: a stray brace"),
     ],
 )  # fmt: skip
 def test_bad_teacher_prompts_are_named(overrides, message):
     with pytest.raises(UserError, match=message):
         validate(compose_cfg(overrides))
+
+
+def test_a_data_files_worked_solutions_are_read_with_task_solution_key(tmp_path):
+    rows = [{"q": "1+1?", "a": 2, "sol": "1+1=2"}, {"q": "2+2?", "a": 4, "sol": "2+2=4"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems = read_problems(path, "q", "a", solution_key="sol")
+    assert [p.solution for p in problems] == ["1+1=2", "2+2=4"]
+    assert read_problems(path, "q", "a")[0].solution is None
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"q": "3?", "a": 3}) + "\n")
+    with pytest.raises(UserError, match=r"^task\.path: .*rows\.jsonl line 2: no field 'sol' \(task\.solution_key\)"):
+        read_problems(path, "q", "a", solution_key="sol")
+    cfg = compose_cfg(["teacher.prompt.question='{question} {solution}'", f"task.path={tmp_path / 'ok.jsonl'}",
+                       "task=dapo_math", "task.question_key=q", "task.answer_key=a", "task.solution_key=sol",
+                       "task.n_eval=1"])  # fmt: skip
+    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    check_teacher_prompt(cfg.teacher, cfg.task, has_solutions=bool(cfg.task.solution_key))  # accepted

@@ -29,10 +29,25 @@ def assert_complete(run_dir, steps: int) -> None:
     assert (run_dir / "resolved_config.yaml").exists()
 
 
+SELF_LIVE = ["teacher=self", "teacher.self_weights=live", "teacher.prompt.system=Add the tens first."]
+
+
 def test_two_ranks_complete_bf16_mixed(tmp_path, models_dir):
-    """ZeRO-2 at bf16-mixed (float32 masters); ZeRO-2 and ZeRO-3 at fp32 are the accumulation and samples tests'."""
-    opd_train(tmp_path, models_dir, "trainer=zero2", *TWO, "trainer.max_steps=2", "trainer.precision=bf16-mixed")
+    """ZeRO-2 at bf16-mixed (float32 masters); ZeRO-2 and ZeRO-3 at fp32 are the accumulation and samples tests'.
+    The teacher is the live student after a privileged prompt (teacher=self): each rank scores with its own
+    replica of the student."""
+    args = ["trainer=zero2", *TWO, "trainer.max_steps=2", "trainer.precision=bf16-mixed", *SELF_LIVE]
+    opd_train(tmp_path, models_dir, *args)
     assert_complete(tmp_path, 2)
+    assert metrics(tmp_path)[0]["eval/acc_teacher"] >= 0
+
+
+def test_live_self_teacher_under_zero3(tmp_path, models_dir):
+    """The live student as its own teacher while ZeRO-3 partitions it: a no-gradient forward of the sharded
+    student, its head gathered for the scoring pass only."""
+    opd_train(tmp_path, models_dir, "trainer=zero3", *TWO, "trainer.max_steps=2", *SELF_LIVE)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2] and all(r["grad_norm"] > 0 for r in rows[1:])
 
 
 # token-mean weighs tokens over the whole mini-batch, seq-mean-token-mean each sequence by its own length; the

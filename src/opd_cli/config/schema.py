@@ -39,6 +39,7 @@ class ModelConfig:
 class TeacherPromptConfig:
     system: str | None = None
     question: str | None = None
+    template: str | None = None
     chat_template_from: str = "student"
 
 
@@ -121,6 +122,7 @@ class TaskConfig:
     split: str = "train"
     question_key: str = "question"
     answer_key: str = "answer"
+    solution_key: str | None = None
     template: str = "{question}"
     chat_template: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)

@@ -479,7 +479,9 @@ def validate(cfg: Any) -> None:
             key = f"eval.benchmark_paths.{name}"
             check_task_data(task_config(name, cfg.eval.benchmark_paths.get(name), "eval.benchmarks", key), key, key)
     if needs_teacher(cfg.loss):
-        check_teacher_prompt(cfg.teacher, cfg.task, has_solutions=cfg.task.name == "arith")
+        check_teacher_prompt(
+            cfg.teacher, cfg.task, has_solutions=cfg.task.name == "arith" or bool(cfg.task.solution_key)
+        )
     # no teacher is loaded for an objective that needs nothing from it (sft)
     teacher = needs_teacher(cfg.loss) or "teacher" in (
         cfg.task.chat_template_from,

@@ -36,6 +36,7 @@ class RolloutSpec:
     ranks: bool = False  # one engine per rank of a DeepSpeed job
     entropy: bool = False  # record the sampler's entropy at each token (loss.entropy_top_ratio)
     task: Any = None  # the task config: how a data set's questions become prompts (rollout=dataset)
+    max_logprobs: int = 20  # log-probs per position a vLLM engine may return (a live self-teacher's K scores there)
 
 
 def hf_engine(rc, spec: RolloutSpec) -> RolloutEngine:
@@ -46,7 +47,8 @@ def hf_engine(rc, spec: RolloutSpec) -> RolloutEngine:
 def vllm_engine(rc, spec: RolloutSpec) -> RolloutEngine:
     """An in-process vLLM engine loaded from the student's path, fed its weights after every update."""
     memory = colocated_engine(
-        spec.path, spec.dtype, spec.max_len, 20, rc.gpu_memory_utilization, spec.seed, spec.ranks, rc.sleep, 2,
+        spec.path, spec.dtype, spec.max_len, spec.max_logprobs, rc.gpu_memory_utilization, spec.seed, spec.ranks,
+        rc.sleep, 2,
         "rollout.sleep",
     )  # fmt: skip
     return VLLMRollout(memory.llm, spec.tokenizer, memory)

@@ -156,9 +156,10 @@ def _field(row: dict, dotted: str, config_key: str) -> Any:
     return value
 
 
-def row_problem(row: Any, question_key: str, answer_key: str) -> Problem:
+def row_problem(row: Any, question_key: str, answer_key: str, solution_key: str | None = None) -> Problem:
     """The problem in one data row: a non-empty string question and a non-empty answer (a string
-    or a number); ``BadData`` saying what is wrong with the row otherwise."""
+    or a number), and with ``solution_key`` a non-empty string worked solution; ``BadData`` saying
+    what is wrong with the row otherwise."""
     if not isinstance(row, dict):
         raise BadData(f"not a JSON object but {_kind(row)}")
     question = _field(row, question_key, "task.question_key")
@@ -169,23 +170,31 @@ def row_problem(row: Any, question_key: str, answer_key: str) -> Problem:
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
         got = "an empty string" if isinstance(answer, str) else _kind(answer)
         raise BadData(f"field '{answer_key}' must be a non-empty string or a number, got {got}")
-    return Problem(question=question, answer=str(answer))
+    solution = None
+    if solution_key is not None:
+        solution = _field(row, solution_key, "task.solution_key")
+        if not isinstance(solution, str) or not solution.strip():
+            got = "an empty string" if isinstance(solution, str) else _kind(solution)
+            raise BadData(f"field '{solution_key}' must be a non-empty string, got {got}")
+    return Problem(question=question, answer=str(answer), solution=solution)
 
 
 @functools.lru_cache(maxsize=4)
-def _file_problems(path: str, mtime_ns: int, size: int, question_key: str, answer_key: str) -> tuple[Problem, ...]:
+def _file_problems(
+    path: str, mtime_ns: int, size: int, question_key: str, answer_key: str, solution_key: str | None
+) -> tuple[Problem, ...]:
     """Every row of a file as a problem; cached by the file's modification time and size, so the
     start-up checks and the run read it once."""
     file = Path(path)
     rows = (
-        _parquet_rows(file, {"task.question_key": question_key, "task.answer_key": answer_key})
+        _parquet_rows(file, row_keys(question_key, answer_key, solution_key))
         if file.suffix == ".parquet"
         else _jsonl_rows(file)
     )
     out = []
     for where, row in rows:
         try:
-            out.append(row_problem(row, question_key, answer_key))
+            out.append(row_problem(row, question_key, answer_key, solution_key))
         except BadData as e:
             raise BadData(str(e), where) from None
     if not out:
@@ -193,7 +202,15 @@ def _file_problems(path: str, mtime_ns: int, size: int, question_key: str, answe
     return tuple(out)
 
 
-def read_problems(path: str | Path, question_key: str, answer_key: str, key: str = "task.path") -> list[Problem]:
+def row_keys(question_key: str, answer_key: str, solution_key: str | None) -> dict[str, str]:
+    """Config key -> dotted path of each field read from a row."""
+    keys = {"task.question_key": question_key, "task.answer_key": answer_key}
+    return keys if solution_key is None else {**keys, "task.solution_key": solution_key}
+
+
+def read_problems(
+    path: str | Path, question_key: str, answer_key: str, key: str = "task.path", solution_key: str | None = None
+) -> list[Problem]:
     """Every problem of a local jsonl or parquet file, each row checked.
 
     Bad data is a ``UserError`` naming ``key`` (the config key that chose the file), the file, and
@@ -206,7 +223,8 @@ def read_problems(path: str | Path, question_key: str, answer_key: str, key: str
         raise UserError(f"{key}: {path} is a directory; give a jsonl or parquet file")
     try:
         stat = file.stat()
-        return list(_file_problems(str(file.resolve()), stat.st_mtime_ns, stat.st_size, question_key, answer_key))
+        resolved = str(file.resolve())
+        return list(_file_problems(resolved, stat.st_mtime_ns, stat.st_size, question_key, answer_key, solution_key))
     except BadData as e:
         raise UserError(f"{key}: {path}{' ' + e.where if e.where else ''}: {e}") from None
     except OSError as e:  # unreadable: permissions, a broken mount
@@ -228,7 +246,13 @@ def _rows_from_hub(dataset: str, split: str) -> list[dict]:
 
 
 def hub_problems(
-    dataset: str | None, path: str | None, split: str, question_key: str, answer_key: str, key: str = "task.path"
+    dataset: str | None,
+    path: str | None,
+    split: str,
+    question_key: str,
+    answer_key: str,
+    key: str = "task.path",
+    solution_key: str | None = None,
 ) -> list[Problem]:
     """Problems from a local file (``task.path``, see ``read_problems``) or a hub data set (``task.dataset``).
 
@@ -236,11 +260,11 @@ def hub_problems(
     ``prompt.0.content`` and ``reward_model.ground_truth`` for DAPO-Math-17k.
     """
     if path:
-        return read_problems(path, question_key, answer_key, key)
+        return read_problems(path, question_key, answer_key, key, solution_key)
     out = []
     for i, row in enumerate(_rows_from_hub(str(dataset), split), 1):
         try:
-            out.append(row_problem(row, question_key, answer_key))
+            out.append(row_problem(row, question_key, answer_key, solution_key))
         except BadData as e:
             raise UserError(f"task.dataset: {dataset} row {i}: {e}") from None
     if not out:
@@ -284,8 +308,9 @@ def load_problems(
             arith_problems(task_cfg.seed, "test", task_cfg.n_eval),
         )
     problems = hub_problems(
-        task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key, path_key
-    )
+        task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key, path_key,
+        getattr(task_cfg, "solution_key", None),
+    )  # fmt: skip
     if task_cfg.eval_only:
         return [], problems
     check_n_eval(len(problems), task_cfg, str(task_cfg.path or task_cfg.dataset), n_eval_key)
@@ -332,6 +357,12 @@ def mix_weights(task_cfg) -> tuple[list[str], list[float]]:
 def mix_problems(task_cfg) -> list[list[Problem]]:
     """Every row of each ``task.mix`` file, read with the task's question and answer keys."""
     return [
-        read_problems(m.path, task_cfg.question_key, task_cfg.answer_key, f"task.mix.{i}.path")
+        read_problems(
+            m.path,
+            task_cfg.question_key,
+            task_cfg.answer_key,
+            f"task.mix.{i}.path",
+            getattr(task_cfg, "solution_key", None),
+        )
         for i, m in enumerate(task_cfg.mix)
     ]

@@ -57,24 +57,24 @@ def format_prompt(
 
     ``chat_template_key`` is the key that asks for the chat template in the running command
     (opd-eval's is the top-level ``chat_template``), for the error message. ``system`` is a system
-    prompt (``prompt_text``).
-    """
-    return prompt_text(problem_question(problem, task_cfg), task_cfg, tokenizer, chat_template_key, system)
-
-
-def prompt_text(
-    question: str, task_cfg, tokenizer, chat_template_key: str = "task.chat_template", system: str | None = None
-) -> str:
-    """``task.template`` filled in with ``question``, in the chat template if asked.
-
-    ``system`` is a system prompt: a system message in the chat template, or its own line before the
-    filled-in template without one (the teacher's privileged context, ``teacher.prompt.system``).
+    prompt (``chat_prompt``).
     """
     try:
-        text = task_cfg.template.format(question=question)
+        text = task_cfg.template.format(question=problem_question(problem, task_cfg))
     except (IndexError, KeyError, ValueError, AttributeError, TypeError):
         check_template(task_cfg.template)  # one line saying what is wrong
         raise
+    return chat_prompt(text, task_cfg, tokenizer, chat_template_key, system)
+
+
+def chat_prompt(
+    text: str, task_cfg, tokenizer, chat_template_key: str = "task.chat_template", system: str | None = None
+) -> str:
+    """``text`` as the user's message in the chat template, if ``task.chat_template`` asks for it.
+
+    ``system`` is a system prompt: a system message in the chat template, or its own line before
+    ``text`` without one (the teacher's privileged context, ``teacher.prompt.system``).
+    """
     if not task_cfg.chat_template:
         return text if system is None else f"{system}\n{text}"
     if tokenizer.chat_template is None:

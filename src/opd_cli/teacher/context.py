@@ -15,7 +15,7 @@ import torch
 from opd_cli.batch import RolloutBatch, left_pad
 from opd_cli.errors import UserError
 from opd_cli.tasks.problems import Problem
-from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template, problem_question, prompt_text
+from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, chat_prompt, check_template, problem_question
 
 # teacher.name_or_path: the student is its own teacher
 SELF = "self"
@@ -23,7 +23,7 @@ SELF = "self"
 # teacher.self_weights: a frozen copy of the student's starting weights, or its current ones
 SELF_WEIGHTS = ("initial", "live")
 
-# the names teacher.prompt.question may use
+# the names teacher.prompt.question and teacher.prompt.template may use
 QUESTION_FIELDS = ("question", "answer", "solution")
 
 
@@ -44,7 +44,7 @@ def teacher_model_name(cfg) -> str:
 def differs(tc) -> bool:
     """The teacher's prompt differs from the student's (``teacher.prompt`` sets something)."""
     pc = tc.prompt
-    return pc.system is not None or pc.question is not None or pc.chat_template_from == "teacher"
+    return any(v is not None for v in (pc.system, pc.question, pc.template)) or pc.chat_template_from == "teacher"
 
 
 def check_teacher_prompt(tc, task_cfg, has_solutions: bool) -> None:
@@ -61,29 +61,37 @@ def check_teacher_prompt(tc, task_cfg, has_solutions: bool) -> None:
         )
     if pc.system is not None and not str(pc.system).strip():
         raise UserError("teacher.prompt.system: is empty; give the system prompt's text or null")
-    if pc.question is None:
-        return
-    check_template(str(pc.question), "teacher.prompt.question", QUESTION_FIELDS, required=None)
-    if "{solution}" in pc.question and not has_solutions:
-        data = task_cfg.path or task_cfg.dataset or task_cfg.name
-        raise UserError(
-            f"teacher.prompt.question: '{{solution}}' needs worked solutions, which the task's data ({data}) does "
-            "not have (task=arith has them); use {question} and {answer}"
-        )
+    for key in ("question", "template"):
+        template = getattr(pc, key)
+        if template is None:
+            continue
+        check_template(str(template), f"teacher.prompt.{key}", QUESTION_FIELDS, required=None)
+        if "{solution}" in template and not has_solutions:
+            data = task_cfg.path or task_cfg.dataset or task_cfg.name
+            raise UserError(
+                f"teacher.prompt.{key}: '{{solution}}' needs worked solutions, which the task's data ({data}) does "
+                "not have; name its field with task.solution_key (task=arith has them), or use {question} and {answer}"
+            )
 
 
-def teacher_question(problem: Problem, task_cfg, pc) -> str:
-    """The teacher's question: ``teacher.prompt.question`` filled in from the problem (or its own question)."""
-    question = problem_question(problem, task_cfg)
-    if pc.question is None:
-        return question
-    return pc.question.format(question=question, answer=problem.answer, solution=problem.solution or "")
+def fields(problem: Problem, task_cfg, pc) -> dict[str, str]:
+    """The values of the placeholders of ``teacher.prompt``'s templates for ``problem``."""
+    out = {
+        "question": problem_question(problem, task_cfg),
+        "answer": problem.answer,
+        "solution": problem.solution or "",
+    }
+    if pc.question is not None:  # the teacher's question in place of the problem's
+        out["question"] = pc.question.format(**out)
+    return out
 
 
 def teacher_prompt(problem: Problem, task_cfg, pc, tokenizer) -> str:
-    """The teacher's prompt text for ``problem``; ``tokenizer`` gives the chat template (the teacher's
+    """The teacher's prompt text for ``problem``: ``teacher.prompt.template`` (else ``task.template``) filled in,
+    after ``teacher.prompt.system``, in the chat template when the task uses one (``tokenizer``'s: the teacher's
     under ``teacher.prompt.chat_template_from=teacher``)."""
-    return prompt_text(teacher_question(problem, task_cfg, pc), task_cfg, tokenizer, system=pc.system)
+    text = (pc.template or task_cfg.template).format(**fields(problem, task_cfg, pc))
+    return chat_prompt(text, task_cfg, tokenizer, system=pc.system)
 
 
 def reprompt(batch: RolloutBatch, prompt_ids: torch.Tensor, prompt_attn: torch.Tensor) -> RolloutBatch:

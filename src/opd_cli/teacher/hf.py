@@ -89,7 +89,8 @@ class HFTeacher:
         self.micro_batch_size = micro_batch_size
         self.chunk_tokens = chunk_tokens
         self.temperature = temperature
-        self.vocab_size = lm_head_weight(model).shape[0]
+        head = lm_head_weight(model)
+        self.vocab_size = getattr(head, "ds_shape", head.shape)[0]  # a ZeRO-3 partitioned head is empty here
         self.scorer = TeacherScorer(self.model, temperature, gather_head=live and sharded)
         self._head: torch.Tensor | None = None  # live: a copy of the head as it was at the last scoring
         self.sharded = shard or (live and sharded)

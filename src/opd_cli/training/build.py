@@ -19,7 +19,7 @@ from opd_cli.models.student import ADAPTER_DIR, add_lora, enable_checkpointing
 from opd_cli.objectives.base import Objective
 from opd_cli.objectives.divergence import degenerate
 from opd_cli.objectives.masks import mask_token_ids
-from opd_cli.objectives.registry import make_objective, needs_teacher
+from opd_cli.objectives.registry import make_objective, needs_teacher, teacher_k
 from opd_cli.rollout.registry import DATA_ENGINES, RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
 from opd_cli.tasks.problems import mix_problems, mix_weights
@@ -133,6 +133,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     spec = RolloutSpec(
         trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], cfg.trainer.seed, trainer.sharded,
         ranks=cfg.trainer.engine == "deepspeed", entropy=cfg.loss.entropy_top_ratio is not None, task=cfg.task,
+        max_logprobs=max(20, teacher_k(cfg.loss)) if live else 20,
     )  # fmt: skip
     rollout = make_rollout(cfg.rollout, spec)
     if ckpt is not None and cfg.model.lora.enabled:
