@@ -241,7 +241,8 @@ def test_papers_doc_matches_the_presets():
             assert got == value, (preset, key)
         checked[preset] = checked.get(preset, 0) + 1
     for preset in presets("experiment"):
-        assert checked.get(preset, 0) >= (2 if preset in parents else 15), (preset, checked)
+        if preset.startswith("paper_"):  # a paper's setting (the demo presets, demo_*, follow no paper)
+            assert checked.get(preset, 0) >= (2 if preset in parents else 15), (preset, checked)
 
 
 @pytest.mark.parametrize(
