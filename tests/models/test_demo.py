@@ -1,4 +1,6 @@
-"""The demo models (models/demo.py): the tokenizer round trip and the model shape."""
+"""The demo models (models/demo.py): the tokenizer round trip, the model shape, each role's SFT data and cache."""
+
+import re
 
 from transformers import AutoTokenizer
 
@@ -118,3 +120,28 @@ def test_the_self_distillation_students_are_cached_by_their_prompt_text():
     assert hint.parent == root and hint.name.startswith("hint-") and hint.name.endswith("-300")
     assert demo_model_dir("m", other.demo, other.task, "rule") not in (rule, hint)
     assert demo_model_dir("m", other.demo, other.task, "hint") not in (rule, hint)
+
+
+def test_a_hint_template_that_cannot_be_filled_in_is_refused_naming_its_key():
+    """demo.hint_question is checked (when demo:hint is used) before anything is built: unknown placeholders,
+    stray braces and a template without {question} are one-line errors."""
+    import pytest
+
+    from opd_cli.config.validate import validate
+    from opd_cli.errors import UserError
+
+    from ..conftest import compose_cfg
+
+    for template, says in [
+        ("{q} is {answer}", "cannot fill in the template"),
+        ("{question} {", "cannot fill in the template"),
+        ("The answer is {answer}.", "must contain '{question}'"),
+    ]:
+        cfg = compose_cfg(["model.name_or_path=demo:hint"])
+        cfg.demo.hint_question = template
+        with pytest.raises(UserError, match=rf"^demo\.hint_question: {re.escape(says)}"):
+            validate(cfg)
+    validate(compose_cfg(["model.name_or_path=demo:hint"]))
+    cfg = compose_cfg()  # the default student does not use the template
+    cfg.demo.hint_question = "{q}"
+    validate(cfg)
