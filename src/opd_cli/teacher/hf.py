@@ -11,7 +11,7 @@ import torch
 from opd_cli.batch import RolloutBatch, TeacherSupport, chunk_bounds
 from opd_cli.models.loading import lm_head_weight
 from opd_cli.models.packed import response_hidden
-from opd_cli.objectives.math import full_logprobs
+from opd_cli.objectives.math import entropy, full_logprobs
 
 
 def scaled_head(weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,16 +30,16 @@ class TeacherScorer(torch.nn.Module):
     def forward(self, micro: RolloutBatch, k: int, chunk_tokens: int, keep_hidden: bool):
         h, y = response_hidden(self.model, micro)
         weight = scaled_head(lm_head_weight(self.model), self.temperature)
-        ids, lps, sampled, entropy = [], [], [], []
+        ids, lps, sampled, entropies = [], [], [], []
         for s, e in chunk_bounds(h.shape[0], chunk_tokens):
             logp = full_logprobs(h[s:e], weight)
             top = logp.topk(k, dim=-1)
             ids.append(top.indices.cpu())
             lps.append(top.values.cpu())
             sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
-            entropy.append(-(logp.exp() * logp).sum(-1).cpu())
+            entropies.append(entropy(logp).cpu())
         kept = h.cpu() if keep_hidden else h.new_empty(0).cpu()
-        return kept, torch.cat(ids), torch.cat(lps), torch.cat(sampled), torch.cat(entropy)
+        return kept, torch.cat(ids), torch.cat(lps), torch.cat(sampled), torch.cat(entropies)
 
 
 class HFTeacher:
@@ -90,5 +90,5 @@ class HFTeacher:
         k = min(k, self.vocab_size)
         for r0, r1 in chunk_bounds(batch.input_ids.shape[0], self.micro_batch_size):
             parts.append(self.scorer(batch.select(torch.arange(r0, r1)), k, self.chunk_tokens, keep_hidden))
-        hidden, ids, lps, sampled, entropy = (torch.cat(p) for p in zip(*parts, strict=True))
-        return TeacherSupport(ids, lps, sampled, entropy, hidden if keep_hidden else None)
+        hidden, ids, lps, sampled, ent = (torch.cat(p) for p in zip(*parts, strict=True))
+        return TeacherSupport(ids, lps, sampled, ent, hidden if keep_hidden else None)
