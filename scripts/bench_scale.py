@@ -1,6 +1,6 @@
 """Benchmark (make bench-scale): one OPD step of opd-cli beside TRL's at a real vocabulary, as tokens and K grow.
 
-    python scripts/bench_scale.py [--tokens 512,2048,8192 --ks 1,4,16,32,64 --k-tokens 2048 --budget-gb 16]
+    python scripts/bench_scale.py [--tokens 512,2048,8192 --ks 1,4,16,32,64 --k-tokens 512 --budget-gb 16]
     python scripts/bench_scale.py --vocab 512 --hidden 64 --layers 1 --tokens 64 ...   (a tiny shape)
     python scripts/bench_scale.py --device cuda ...   (on a GPU; peak GPU memory is recorded beside the RSS)
 
@@ -367,18 +367,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--losses",
         type=lambda s: [(n.split(":")[0], int(n.split(":")[1]) if ":" in n else None) for n in s.split(",")],
-        default="topk_lsm,sampled_token,full_rkl",
+        default="topk_lsm,sampled_token:2048,full_rkl:2048",
         help="opd-cli objectives of the tokens sweep; name:T runs that one up to T tokens per step only",
     )
     ap.add_argument("--k", type=int, default=32, help="loss.k of the tokens sweep")
     ap.add_argument("--ks", type=ints, default=[1, 4, 16, 32, 64], help="K of the topk_lsm K sweep")
-    ap.add_argument("--k-tokens", type=int, default=2048, help="response tokens per step of the K sweep")
+    ap.add_argument("--k-tokens", type=int, default=512, help="response tokens per step of the K sweep")
     ap.add_argument("--ratio-tokens", type=int, default=8192, help="tokens per step of the ratios to TRL")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--response-len", type=int, default=1024, help="tokens per response (rows = tokens / this)")
     ap.add_argument("--budget-gb", type=float, default=16.0, help="a point whose resident set passes this stops")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per point")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument(
+        "--warmup", type=int, default=0, help="untimed steps first (0: a step's one-time costs are small here)"
+    )
     ap.add_argument("--device", default="cpu", help="trainer.device (cuda: TRL takes the GPU too)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--out", default="outputs/bench-scale")
