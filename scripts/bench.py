@@ -252,6 +252,14 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def machine() -> str:
+    """The machine line of a report: CPUs, torch threads and version, the GPU if any."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}{gpu}"
+
+
 def child(args, what: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", what, f"--steps={args.steps}", f"--warmup={args.warmup}", "--"]
     proc = subprocess.run(cmd + overrides, capture_output=True, text=True, cwd=ROOT)
@@ -277,8 +285,6 @@ def main() -> None:
         print(json.dumps(fn(args, args.overrides)))
         return
 
-    import torch
-
     from opd_cli.models.loading import resolve_path
 
     cfg = compose(args.overrides)
@@ -299,8 +305,7 @@ def main() -> None:
             ratios.append(f"{r['engine']} / TRL: **{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x** tokens/s")
     rc, tc = cfg.rollout, cfg.trainer
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "machine": machine(),
         "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
         "setting": f"{cfg.model.name_or_path} <- {cfg.teacher.name_or_path}, {tc.prompts_per_step} prompts x "
         f"{rc.n} samples, max {rc.max_new_tokens} new tokens, temperature {rc.temperature}, top-p {rc.top_p}, "

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -394,16 +393,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args, json.loads(args.worker))))
         return
-    import platform
-
-    import torch
-
     make_models(args)
     t0 = time.perf_counter()
     results = measure(args)
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "machine": bench.machine(),
         "command": " ".join(["python scripts/bench_scale.py", *sys.argv[1:]]),
         "setting": f"random Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied "
         f"embeddings, fp32 on {args.device}; teacher-forced fixed responses of {args.response_len} tokens "

@@ -74,26 +74,18 @@ def test_bench_engines_times_each_phase_per_engine(tmp_path, models_dir):
     assert "| rollout | teacher.backend |" in (out / "bench_engines.md").read_text()
 
 
+def bench_scale(out, *args: str) -> None:
+    """make bench-scale at a tiny shape (vocabulary 512, hidden 64, one layer; 32-token responses, topk_lsm)."""
+    tiny = ["--vocab=512", "--hidden=64", "--layers=1", "--losses=topk_lsm", "--response-len=32", f"--out={out}"]
+    cmd = [sys.executable, "scripts/bench_scale.py", *tiny, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.mark.cli
 def test_bench_scale_runs_its_smallest_point_beside_trl_and_writes_the_tables_and_plots(tmp_path):
     out = tmp_path / "scale"
-    cmd = [
-        sys.executable,
-        "scripts/bench_scale.py",
-        "--vocab=512",
-        "--hidden=64",
-        "--layers=1",
-        "--tokens=64",
-        "--losses=topk_lsm",
-        "--ks=32",
-        "--k-tokens=64",
-        "--ratio-tokens=64",
-        "--response-len=32",
-        "--warmup=0",
-        f"--out={out}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench_scale(out, "--tokens=64", "--ks=32", "--k-tokens=64", "--ratio-tokens=64")
     report = json.loads((out / "bench_scale.json").read_text())
     got = [(r["sweep"], r["engine"], r["loss"], r["k"], r["tokens"], r["status"]) for r in report["results"]]
     assert sorted(got) == [
@@ -116,23 +108,7 @@ def test_bench_scale_runs_its_smallest_point_beside_trl_and_writes_the_tables_an
 @pytest.mark.cli
 def test_bench_scale_records_a_point_over_the_memory_budget_as_not_fitting(tmp_path):
     out = tmp_path / "scale"
-    cmd = [
-        sys.executable,
-        "scripts/bench_scale.py",
-        "--vocab=512",
-        "--hidden=64",
-        "--layers=1",
-        "--tokens=64,128",
-        "--losses=topk_lsm",
-        "--no-trl",
-        "--ks=32",
-        "--k-tokens=128",
-        "--response-len=32",
-        "--budget-gb=0.05",
-        f"--out={out}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench_scale(out, "--tokens=64,128", "--no-trl", "--ks=32", "--k-tokens=128", "--budget-gb=0.05")
     report = json.loads((out / "bench_scale.json").read_text())
     first, *rest = sorted(report["results"], key=lambda r: (r["tokens"], r["sweep"]))
     assert first["status"] == "does not fit" and first["rss_at_stop_gb"] > 0.05 and "predicted" not in first
