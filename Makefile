@@ -11,7 +11,7 @@ REPORT_DIR ?= outputs/sweeps/sweep-k
 COLD_START_NAME ?= demo
 COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench cold-start opsd-rule opsd-answer
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale cold-start opsd-rule opsd-answer
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, p
 
 bench: $(STAMP) ## benchmarks: objective microbenchmark, one OPD step of opd-cli beside TRL's (outputs/bench/bench.{json,md})
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-scale: $(STAMP) ## one OPD step beside TRL's at Qwen's 151,936-token vocabulary, as tokens and K grow (outputs/bench-scale: json, md, png)
+	$(PY) scripts/bench_scale.py $(ARGS)
 
 report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default), ARGS="smooth=0.6 band=std"
 	$(VENV)/bin/opd-report $(REPORT_DIR) $(ARGS)

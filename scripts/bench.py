@@ -71,8 +71,9 @@ def step_prompts_for(cfg, train_prompts: list[str], steps: int) -> list[list[str
     return [step_prompts(train_prompts, per, s, seed) for s in range(1, steps + 1)]
 
 
-def opd_worker(args, overrides: list[str]) -> dict:
-    """Time opd-cli's step with ``overrides`` (one objective)."""
+def opd_worker(args, overrides: list[str], rollout=None) -> dict:
+    """Time opd-cli's step with ``overrides`` (one objective); ``rollout``: an engine to use in place of
+    the configured one (bench_scale.py's fixed responses)."""
     import torch
 
     from opd_cli.dist import Rank, pick_device
@@ -86,6 +87,8 @@ def opd_worker(args, overrides: list[str]) -> dict:
     device = pick_device(cfg.trainer.device, rank)
     train_problems, eval_problems = load_problems(cfg.task)
     parts = build(cfg, rank, device, None, train_problems, eval_problems[:1])
+    if rollout is not None:
+        parts.rollout = rollout
     steps = []
     for i, prompts in enumerate(step_prompts_for(cfg, parts.train_prompts, args.warmup + args.steps)):
         m = opd_step(i + 1, prompts, parts, cfg, rank)
@@ -95,8 +98,9 @@ def opd_worker(args, overrides: list[str]) -> dict:
     return {"engine": f"opd-cli {cfg.loss.name}", "steps": steps, "peak_mem_gb": peak_rss_gb()}
 
 
-def trl_worker(args, overrides: list[str]) -> dict:
-    """Time TRL's DistillationTrainer on the same step."""
+def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = None) -> dict:
+    """Time TRL's DistillationTrainer on the same step; ``fixed``: (prompt ids, completion ids) per row,
+    returned in place of TRL's sampling (``fixed_generate``)."""
     import tempfile
 
     import torch
@@ -181,6 +185,8 @@ def trl_worker(args, overrides: list[str]) -> dict:
 
         return wrapper
 
+    if fixed is not None:
+        trainer._generate = fixed_generate(trainer, *fixed)
     trainer._generate = timed("rollout", trainer._generate)
     trainer._get_last_hidden_state = timed(
         "teacher", trainer._get_last_hidden_state, when=lambda model, *a, **k: model is trainer.teacher_model
@@ -193,6 +199,19 @@ def trl_worker(args, overrides: list[str]) -> dict:
         row["student"] = t - row["rollout"] - row["teacher"] - row["optimizer"]
         steps.append({"tokens": lengths[i] * batch, "time_s": t, **row})
     return {"engine": "TRL DistillationTrainer (beta=1)", "steps": steps, "peak_mem_gb": peak_rss_gb()}
+
+
+def fixed_generate(trainer, prompt_ids: list[list[int]], completion_ids: list[list[int]]):
+    """A stand-in for ``DistillationTrainer._generate`` that returns fixed token ids (no sampling) and logs
+    the completion length as TRL's own does (``completions/mean_length``)."""
+    length = sum(map(len, completion_ids)) / len(completion_ids)
+
+    def generate(prompts):
+        assert len(prompts) == len(prompt_ids), (len(prompts), len(prompt_ids))
+        trainer._metrics["train"]["completions/mean_length"].append(length)
+        return prompt_ids, completion_ids, None, None, []
+
+    return generate
 
 
 def objective_rows(args) -> list[dict]:
@@ -233,6 +252,14 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def machine() -> str:
+    """The machine line of a report: CPUs, torch threads and version, the GPU if any."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, torch {torch.__version__}{gpu}"
+
+
 def child(args, what: str, overrides: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--worker", what, f"--steps={args.steps}", f"--warmup={args.warmup}", "--"]
     proc = subprocess.run(cmd + overrides, capture_output=True, text=True, cwd=ROOT)
@@ -258,8 +285,6 @@ def main() -> None:
         print(json.dumps(fn(args, args.overrides)))
         return
 
-    import torch
-
     from opd_cli.models.loading import resolve_path
 
     cfg = compose(args.overrides)
@@ -280,8 +305,7 @@ def main() -> None:
             ratios.append(f"{r['engine']} / TRL: **{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x** tokens/s")
     rc, tc = cfg.rollout, cfg.trainer
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "machine": machine(),
         "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
         "setting": f"{cfg.model.name_or_path} <- {cfg.teacher.name_or_path}, {tc.prompts_per_step} prompts x "
         f"{rc.n} samples, max {rc.max_new_tokens} new tokens, temperature {rc.temperature}, top-p {rc.top_p}, "

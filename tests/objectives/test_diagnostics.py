@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from opd_cli.objectives import diagnostics
 from opd_cli.objectives.diagnostics import MetricSums, repetition_counts, teacher_rank
 from opd_cli.objectives.registry import make_objective
 from opd_cli.objectives.student_pass import student_loss_and_metrics
@@ -43,7 +44,13 @@ def diagnostics_reference(logp, t_logp, x, k, s_top):
     return rows, (adv, adv_w, adv_n), mass_w
 
 
-def test_diagnostics_match_reference():
+# the student's K largest values by numpy's partition (small vocabularies on CPU) and by torch.topk (larger ones)
+SELECTIONS = pytest.mark.parametrize("partition_max_vocab", [4096, 0], ids=["partition", "topk"])
+
+
+@SELECTIONS
+def test_diagnostics_match_reference(partition_max_vocab, monkeypatch):
+    monkeypatch.setattr(diagnostics, "PARTITION_MAX_VOCAB", partition_max_vocab)
     k = 5
     h, w, tw, x, t_logp = make_inputs(k, seed=2)
     _, sums = student_loss_and_metrics(h, w, x, make_objective(preset("topk_lsm", k=k)), 4, bucket_tokens=2)
@@ -89,10 +96,12 @@ def test_diagnostics_match_reference():
             assert got[f"overlap_adv/bucket_{b}"] == pytest.approx(want, rel=1e-9)
 
 
-def test_overlap_ratio_counts_k_ids_with_ties():
+@SELECTIONS
+def test_overlap_ratio_counts_k_ids_with_ties(partition_max_vocab, monkeypatch):
     """Five student logits tie across the K-th place: a top-K set holds K ids, whichever tied ids it takes
     (paper B's torch.topk), so the overlap ratio stays between the fewest and the most tied teacher ids a
     top-K set can hold (counting every tied id in would exceed it)."""
+    monkeypatch.setattr(diagnostics, "PARTITION_MAX_VOCAB", partition_max_vocab)
     k = 5
     h, w, tw, x, t_logp = make_inputs(k, seed=4, identity_head=True)
     order = h.argsort(-1, descending=True)

@@ -72,3 +72,45 @@ def test_bench_engines_times_each_phase_per_engine(tmp_path, models_dir):
         assert r["step_s"] > 0 and r["phase_s"]["rollout"] > 0 and r["phase_s"]["teacher"] > 0, r
     assert "OMP_NUM_THREADS=1" in report["machine"]
     assert "| rollout | teacher.backend |" in (out / "bench_engines.md").read_text()
+
+
+def bench_scale(out, *args: str) -> None:
+    """make bench-scale at a tiny shape (vocabulary 512, hidden 64, one layer; 32-token responses, topk_lsm)."""
+    tiny = ["--vocab=512", "--hidden=64", "--layers=1", "--losses=topk_lsm", "--response-len=32", f"--out={out}"]
+    cmd = [sys.executable, "scripts/bench_scale.py", *tiny, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=CLI_ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.cli
+def test_bench_scale_runs_its_smallest_point_beside_trl_and_writes_the_tables_and_plots(tmp_path):
+    out = tmp_path / "scale"
+    bench_scale(out, "--tokens=64", "--ks=32", "--k-tokens=64", "--ratio-tokens=64")
+    report = json.loads((out / "bench_scale.json").read_text())
+    got = [(r["sweep"], r["engine"], r["loss"], r["k"], r["tokens"], r["status"]) for r in report["results"]]
+    assert sorted(got) == [
+        ("k", "opd", "topk_lsm", 32, 64, "ok"),
+        ("tokens", "opd", "topk_lsm", 32, 64, "ok"),
+        ("tokens", "trl", None, None, 64, "ok"),
+    ]
+    for r in report["results"]:
+        # 2 rows of 32 fixed response tokens: both engines train on exactly these
+        assert [s["tokens"] for s in r["steps"]] == [64], r["steps"]
+        assert 0 < r["peak_mem_gb"] < 16 and r["tokens_per_s"] > 0
+        assert r["phase_s"]["teacher"] > 0 and r["phase_s"]["student"] > 0 and r["phase_s"]["optimizer"] > 0
+    (ratio,) = report["analysis"]["ratios"]
+    assert ratio["engine"] == "opd-cli topk_lsm" and ratio["peak_mem_vs_trl"] > 0 and ratio["tokens_per_s_vs_trl"] > 0
+    md = (out / "bench_scale.md").read_text()
+    assert "| sweep | engine | K | tokens/step |" in md and "opd-cli topk_lsm / TRL" in md
+    assert (out / "bench_scale_tokens.png").stat().st_size > 0 and (out / "bench_scale_k.png").stat().st_size > 0
+
+
+@pytest.mark.cli
+def test_bench_scale_records_a_point_over_the_memory_budget_as_not_fitting(tmp_path):
+    out = tmp_path / "scale"
+    bench_scale(out, "--tokens=64,128", "--no-trl", "--ks=32", "--k-tokens=128", "--budget-gb=0.05")
+    report = json.loads((out / "bench_scale.json").read_text())
+    first, *rest = sorted(report["results"], key=lambda r: (r["tokens"], r["sweep"]))
+    assert first["status"] == "does not fit" and first["rss_at_stop_gb"] > 0.05 and "predicted" not in first
+    assert all(r["status"] == "does not fit" and r["predicted"] for r in rest), rest
+    assert "does not fit (stopped at" in (out / "bench_scale.md").read_text()

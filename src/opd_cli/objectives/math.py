@@ -114,6 +114,13 @@ def full_logprobs(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(upcast(linear(hidden, weight)), dim=-1)
 
 
+@torch.no_grad()
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` of each row of log-probs ``[c, V]`` (no gradient), with one ``[c, V]`` temporary
+    (``p``, multiplied in place) instead of two."""
+    return -logp.exp().mul_(logp).sum(-1)
+
+
 def log_renormalize(logv: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Log of a distribution renormalized on the valid slots; masked slots get ``MASKED_LOG``.
 

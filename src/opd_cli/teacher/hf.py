@@ -13,7 +13,7 @@ import torch
 from opd_cli.batch import RolloutBatch, TeacherSupport, chunk_bounds
 from opd_cli.models.loading import lm_head_weight
 from opd_cli.models.packed import response_hidden
-from opd_cli.objectives.math import full_logprobs
+from opd_cli.objectives.math import entropy, full_logprobs
 
 
 def scaled_head(weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -32,7 +32,7 @@ class TeacherScorer(torch.nn.Module):
 
     def forward(self, micro: RolloutBatch, k: int, chunk_tokens: int, keep_hidden: bool):
         h, y = response_hidden(self.model, micro)
-        ids, lps, sampled, entropy = [], [], [], []
+        ids, lps, sampled, entropies = [], [], [], []
         with gathered(lm_head_weight(self.model), self.gather_head):
             weight = scaled_head(lm_head_weight(self.model), self.temperature)
             for s, e in chunk_bounds(h.shape[0], chunk_tokens):
@@ -41,9 +41,9 @@ class TeacherScorer(torch.nn.Module):
                 ids.append(top.indices.cpu())
                 lps.append(top.values.cpu())
                 sampled.append(logp.gather(-1, y[s:e, None]).squeeze(-1).cpu())
-                entropy.append(-(logp.exp() * logp).sum(-1).cpu())
+                entropies.append(entropy(logp).cpu())
         kept = h.cpu() if keep_hidden else h.new_empty(0).cpu()
-        return kept, torch.cat(ids), torch.cat(lps), torch.cat(sampled), torch.cat(entropy)
+        return kept, torch.cat(ids), torch.cat(lps), torch.cat(sampled), torch.cat(entropies)
 
 
 def gathered(weight: torch.Tensor, enabled: bool):
@@ -132,5 +132,5 @@ class HFTeacher:
             self.model.train(training)
         if self._head is not None:  # live: the head the objective reads is the one that scored
             self._head.copy_(scaled_head(lm_head_weight(self.model).detach(), self.temperature))
-        hidden, ids, lps, sampled, entropy = (torch.cat(p) for p in zip(*parts, strict=True))
-        return TeacherSupport(ids, lps, sampled, entropy, hidden if keep_hidden else None)
+        hidden, ids, lps, sampled, ent = (torch.cat(p) for p in zip(*parts, strict=True))
+        return TeacherSupport(ids, lps, sampled, ent, hidden if keep_hidden else None)
