@@ -59,7 +59,7 @@ class ReachTarget:
         self.turns += 1
         m = ACTION.match(action)
         if m is None:
-            prefix = f'Invalid action "{action.strip()[:20]}"; write "add N" or "sub N" with N from 1 to 9. '
+            prefix = "Invalid action. "  # short: the demo models read it on every later turn
         else:
             n = int(m.group(2))
             # stay two-digit: a step past 10 or 99 stops there
