@@ -24,6 +24,7 @@ LAYERS = [
     "cpu_linear",
     "config.schema",
     "tasks",
+    "envs",
     "objectives",
     "models",
     "rollout",

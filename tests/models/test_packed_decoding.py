@@ -28,6 +28,7 @@ from transformers import (
 )
 
 from opd_cli.batch import build_batch, position_ids
+from opd_cli.envs.rollout import Transcript, to_batch
 from opd_cli.models.decoding import BufferedDecoder, CacheDecoder, LeanDecoder, prefill
 from opd_cli.models.packed import padded_hidden, response_hidden
 
@@ -80,6 +81,26 @@ def random_batch(seed=0, n_prompts=3, n=3):
     return build_batch(ids, attn, response, logps, EOS, n)
 
 
+def random_multiturn_batch(seed=0, rows=5):
+    """Multi-turn episodes: 2-6-token prompts (rows 0 and 1 share one), then 1-3 actions of 1-4 tokens
+    with 1-3-token observations between them (context, not supervised)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(lo, hi):
+        return torch.randint(2, V, (int(torch.randint(lo, hi + 1, (1,), generator=g)),), generator=g).tolist()
+
+    transcripts = []
+    for r in range(rows):
+        t = Transcript(list(transcripts[0].prompt) if r == 1 else draw(2, 6))
+        for turn in range(int(torch.randint(1, 4, (1,), generator=g))):
+            if turn:
+                t.add_observation(draw(1, 3))
+            action = draw(1, 4)
+            t.add_action(action, [0.0] * len(action), None)
+        transcripts.append(t)
+    return to_batch(transcripts, [False] * rows, PAD)
+
+
 def per_row_reference(model, batch):
     """Hidden states predicting each response token: one unpadded sequence at a time, plain sdpa."""
     hs, ys = [], []
@@ -126,6 +147,22 @@ def test_packed_scoring_equals_one_pass_per_sequence(name, caplog):
     # Gemma2's soft-capped attention is not packed: it is found once and scored with padding after
     assert getattr(model, "_opd_packing_fails", False) == (name == "gemma2_softcap")
     assert ("scoring this model with padding" in caplog.text) == (name == "gemma2_softcap")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_packed_scoring_of_multiturn_rows_attends_over_observations(name):
+    """Observation tokens inside the response columns are context: each action token's hidden state (and
+    its gradient) equals a plain pass over the whole unpadded sequence, whole batch and micro-batch."""
+    model = make_model(name)
+    batch = random_multiturn_batch()
+    assert (batch.attention_mask.bool() & ~batch.response_mask)[:, batch.prompt_len :].any()  # observations
+    for b in (batch, batch.select(torch.tensor([1, 2, 4]))):
+        h_ref, y_ref, g_ref, w = hidden_and_grads(model, per_row_reference, b)
+        for fn in (response_hidden, padded_hidden):
+            h, y, g, _ = hidden_and_grads(model, fn, b, w)
+            assert y.equal(y_ref)
+            torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-10)
+            assert_grads_close(g, g_ref)
 
 
 def test_padded_pass_equals_one_pass_per_sequence():

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from opd_cli.batch import TeacherSupport, build_batch
+from opd_cli.envs.rollout import Transcript, to_batch
 from opd_cli.models.loading import lm_head_weight
 from opd_cli.objectives.inputs import token_inputs
 from opd_cli.objectives.registry import make_objective
@@ -105,4 +106,30 @@ def test_rewards_become_each_responses_discounted_reward_to_go(gamma, clip):
         flat += len(ids)
     assert offsets.tolist() == [0, 4, 10, 12, 18]
     assert x.weight.tolist() == [0.0 if y == masked else 1.0 for y in x.target.tolist()]
+    torch.testing.assert_close(x.advantage, torch.tensor(want, dtype=x.advantage.dtype))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_a_multiturn_rows_reward_to_go_counts_its_action_tokens_only(gamma):
+    """Observations between a multi-turn row's actions are no steps of the student: the discount runs
+    over the supervised tokens as if they were one contiguous response."""
+    a = Transcript([3, 4])
+    a.add_action([5, 6], [-0.5, -0.5], None)
+    a.add_observation([7, 7, 7, 7])
+    a.add_action([8], [-0.5], None)
+    b = Transcript([3])
+    b.add_action([5, 6, 8], [-0.25] * 3, None)
+    batch = to_batch([a, b], [False, False], 0)
+    n = int(batch.response_mask.sum())
+    support = TeacherSupport(
+        topk_ids=torch.zeros(n, 2, dtype=torch.long),
+        topk_logprobs=torch.zeros(n, 2),
+        sampled_logprob=-torch.arange(1, n + 1, dtype=torch.float32) / 8,
+        entropy=torch.zeros(n),
+    )
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf/loss/_base.yaml"), {"gamma": gamma, "log_ratio_clip": None})
+    x, offsets = token_inputs(batch, support, [], cfg)
+    r = (support.sampled_logprob - batch.old_logprobs[batch.response_mask]).tolist()
+    want = reward_to_go(r[:3], gamma) + reward_to_go(r[3:], gamma)
+    assert offsets.tolist() == [0, 3, 6] and x.position.tolist() == [0, 1, 2, 0, 1, 2]
     torch.testing.assert_close(x.advantage, torch.tensor(want, dtype=x.advantage.dtype))

@@ -6,7 +6,10 @@ a prompt repeat its tokens. The scoring pass (teacher and student) needs none of
 that. ``response_hidden`` runs the transformers model once over the real tokens,
 each prompt once for its group of responses, so every linear layer, norm and MLP
 (nearly all of the FLOPs) sees ``[1, N_real, d]``. A response's last token is left out:
-its output would predict nothing, and no token attends to it.
+its output would predict nothing, and no token attends to it. The response columns may
+hold tokens that are context but not supervised (a multi-turn episode's observations,
+``opd_cli.envs``): which tokens are inputs follows ``attention_mask``, which are
+predicted follows ``response_mask``.
 
 Only attention needs to know which token sees which. It runs under the
 ``opd_packed`` attention implementation, registered with transformers'
@@ -63,9 +66,11 @@ def pack(batch: RolloutBatch, device: torch.device) -> Packing:
     first, group = batch.prompt_groups()
     is_first = torch.zeros(ids.shape[0], dtype=torch.bool)
     is_first[first] = True
-    # a response token is an input when the next one is a response token too: the last one's
-    # output would predict nothing and no later token attends to it
-    inputs = torch.cat([rmask[:, P + 1 :], torch.zeros_like(rmask[:, :1])], dim=1)
+    # a token after the prompt is an input when the next one is real: the last one's output would
+    # predict nothing and no later token attends to it. Real, not supervised: a multi-turn row holds
+    # observations between its actions, context that later actions attend to (targets come from
+    # ``response_mask``; single-turn, the two agree)
+    inputs = torch.cat([attn[:, P + 1 :], torch.zeros_like(attn[:, :1])], dim=1)
     # packed tokens in the batch's row-major order: a prompt's tokens in its group's first row only
     own = torch.cat([attn[:, :P] & is_first[:, None], inputs], dim=1)
     index = own.flatten().long().cumsum(0).view(own.shape) - 1  # packed index of each owned slot

@@ -59,6 +59,20 @@ def no_teacher(n: int) -> TeacherSupport:
     return TeacherSupport(torch.zeros((n, 0), dtype=torch.long), torch.zeros((n, 0)), nan, nan.clone())
 
 
+def left_aligned(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``values`` at ``mask`` moved to the row's start, ``[B, max per row]``, and where they are.
+
+    ``compact[kept]`` is ``values[mask]`` (row-major). A multi-turn response holds observation
+    tokens between its actions: discounting over the compacted row counts only the student's
+    tokens as steps. Single-turn responses are contiguous, and this changes nothing.
+    """
+    counts = mask.sum(1)
+    kept = torch.arange(int(counts.max()))[None, :] < counts[:, None]
+    compact = values.new_zeros(kept.shape)
+    compact[kept] = values[mask]
+    return compact, kept
+
+
 def token_inputs(
     batch: RolloutBatch,
     support: TeacherSupport | None,
@@ -88,7 +102,8 @@ def token_inputs(
     else:
         log_ratio = clip_log_ratio(support.sampled_logprob - batch.old_logprobs[rm], loss_cfg.log_ratio_clip)
         rewards[rm] = log_ratio * keep
-    advantage = discounted_returns(rewards, loss_cfg.gamma)[rm]
+    compact, kept = left_aligned(rewards, rm)
+    advantage = discounted_returns(compact, loss_cfg.gamma)[kept]
     per_token = None if outcome is None else outcome.to(advantage.dtype)[:, None].expand(rm.shape)[rm]
     x = TokenInputs(
         target=batch.input_ids[rm],
