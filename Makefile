@@ -9,6 +9,8 @@ SWEEP_DEMO := trainer.max_steps=100 eval.every=25 eval.n_problems=64 logger=none
 REPORT_DIR ?= outputs/sweeps/sweep-k
 # make cold-start writes $(COLD_START_DIR)/{data,sft,opd}
 COLD_START_NAME ?= demo
+# pytest-xdist workers of make test: most tests wait on one single-threaded CLI process
+TEST_WORKERS ?= 2
 COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
 .PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale cold-start opsd-rule opsd-answer
@@ -74,8 +76,8 @@ serve-teacher: $(STAMP) ## the teacher as a vLLM server: ARGS="teacher=openthink
 slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests and trying things)
 	bash scripts/slurm_up.sh
 
-test: $(STAMP) ## the whole suite: unit, cli and integration tiers (gpu tests skip without CUDA); one tier: ARGS="-m cli"
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP) ## the whole suite: unit, cli and integration tiers, on 2 workers (gpu tests skip without CUDA); one tier: ARGS="-m cli"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP) ## the unit tier: in-process tests only, no CLI or other process (under a minute)
 	$(PY) -m pytest -q -m unit $(ARGS)
