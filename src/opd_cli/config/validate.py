@@ -13,7 +13,6 @@ import difflib
 import math
 import os
 import re
-import string
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,7 +45,7 @@ from opd_cli.tasks.alignment import model_path, read_texts
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
 from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
-from opd_cli.teacher.context import SELF, SELF_WEIGHTS, check_teacher_prompt, is_live, is_self
+from opd_cli.teacher.context import QUESTION_FIELDS, SELF, SELF_WEIGHTS, check_teacher_prompt, is_live, is_self
 from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
@@ -376,23 +375,9 @@ def check_patterns(patterns: Mapping[str, str]) -> None:
             ) from None
 
 
-# the placeholders demo.hint_question may use
-HINT_FIELDS = ("question", "answer", "solution")
-
-
 def check_hint_question(template: str) -> None:
     """``demo.hint_question`` is a ``str.format`` template of {question}, {answer} and {solution}, with {question}."""
-    allowed = ", ".join(f"{{{name}}}" for name in HINT_FIELDS)
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        template.format(**dict.fromkeys(HINT_FIELDS, ""))
-    except (IndexError, KeyError, ValueError, AttributeError, TypeError) as e:
-        raise UserError(
-            f"demo.hint_question: cannot fill in the template ({e}); it may use {allowed}, "
-            "and a literal brace is written {{ or }}"
-        ) from None
-    if "question" not in names:
-        raise UserError(f"demo.hint_question: must contain '{{question}}'; it may use {allowed}")
+    check_template(template, "demo.hint_question", QUESTION_FIELDS, required="question")
 
 
 def validate(cfg: Any) -> None:
