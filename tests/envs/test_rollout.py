@@ -30,6 +30,9 @@ class Counter:
         self.fail_at = fail_at
         self.k = 0
 
+    def num_instances(self, seed: int) -> int:
+        return 1000
+
     def reset(self, seed: int, instance: int) -> str:
         self.k = 0
         return f"start {instance}"

@@ -115,6 +115,20 @@ class MixSourceConfig:
 
 
 @dataclass
+class EnvConfig:
+    """``task.env``: the multi-turn environment of a ``task.name=env`` task (``opd_cli.envs``)."""
+
+    name: str = "demo"
+    args: dict[str, Any] = field(default_factory=dict)
+    max_turns: int = 6
+    turn_tokens: int = 16
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    format: str = "plain"
+    cue: str = "\nAction:"
+    system: str | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = "arith"
     dataset: str | None = None
@@ -134,6 +148,7 @@ class TaskConfig:
     n_eval: int = 256
     chat_template_from: str = "student"
     mix: list[MixSourceConfig] = field(default_factory=list)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
 
 @dataclass

@@ -29,6 +29,12 @@ class Environment(Protocol):
     An instance is one object per live episode: a rollout of B episodes holds B of them.
     """
 
+    def num_instances(self, seed: int) -> int:
+        """How many distinct instances ``reset`` has under ``seed`` (instance ``i`` and ``i + n`` are the same).
+
+        A run holds out instances ``0 .. task.n_eval - 1`` for evaluation and trains on the rest."""
+        ...
+
     def reset(self, seed: int, instance: int) -> str:
         """Start instance ``instance`` of the environment's set under ``seed``; the first observation.
 

@@ -10,6 +10,7 @@ needs 2-4 turns, and its action follows from the observation alone.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -22,12 +23,19 @@ OBSERVATION = re.compile(r"Number: (\d+)\. Target: (\d+)\.")
 DISTANCE = (10, 36)
 
 
+@functools.cache
+def instance_pairs(seed: int) -> tuple[tuple[int, int], ...]:
+    """Every (start, target) pair of two-digit numbers 10-36 apart, in one order shuffled by ``seed``."""
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if DISTANCE[0] <= abs(a - b) <= DISTANCE[1]]
+    random.Random(f"reach-target/{seed}").shuffle(pairs)
+    return tuple(pairs)
+
+
 def instance_numbers(seed: int, instance: int) -> tuple[int, int]:
-    """The start and target of instance ``instance`` under ``seed``: two-digit numbers 10-36 apart."""
-    rng = random.Random(f"reach-target/{seed}/{instance}")
-    distance = rng.randint(*DISTANCE)
-    start = rng.randint(10, 99 - distance)
-    return (start, start + distance) if rng.random() < 0.5 else (start + distance, start)
+    """The start and target of instance ``instance`` under ``seed``: distinct pairs for the instances
+    ``0 .. len(instance_pairs(seed)) - 1`` (so held-out instances never appear in training), then again."""
+    pairs = instance_pairs(seed)
+    return pairs[instance % len(pairs)]
 
 
 def observation(number: int, target: int) -> str:
@@ -49,6 +57,9 @@ class ReachTarget:
     def __init__(self, max_turns: int = 6) -> None:
         self.max_turns = max_turns
         self.number = self.target = self.turns = 0
+
+    def num_instances(self, seed: int) -> int:
+        return len(instance_pairs(seed))
 
     def reset(self, seed: int, instance: int) -> str:
         self.number, self.target = instance_numbers(seed, instance)
