@@ -307,3 +307,23 @@ def test_sleep_mode_asked_for_on_cpu_is_refused_in_one_line(tmp_path, models_dir
     assert out.returncode == 2
     assert f"error: {key}=true: vLLM's sleep mode needs a GPU (CUDA, ROCm or XPU); this machine has none" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_vllm_plays_multi_turn_episodes_seeing_every_observation(llm, tiny_model, tiny_tokenizer):
+    """One vLLM call per turn for every live episode (``EpisodeRunner`` over ``generate_ids``): the log-prob
+    vLLM recorded at each action token is a plain forward's over the whole transcript before it."""
+    from opd_cli.envs.demo import ReachTarget
+    from opd_cli.envs.rollout import PlainFormat
+    from opd_cli.envs.runner import EpisodeRunner
+
+    runner = EpisodeRunner(ReachTarget, PlainFormat(), tiny_tokenizer, 0, 3, 6, ("\n",))
+    _, batch, episodes = runner.run(VLLMRollout(llm, tiny_tokenizer), [0, 1, 2], 2, 1.0, 1.0, 100, seed=1)
+    assert sum(len(e.turns) for e in episodes) > len(episodes)  # later turns were sampled after observations
+    for row in range(batch.input_ids.shape[0]):
+        real = batch.attention_mask[row].bool()
+        ids = batch.input_ids[row][real]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny_model(input_ids=ids[None]).logits[0, :-1].double(), -1)
+        act = batch.response_mask[row][real][1:]
+        want = logp[act].gather(-1, ids[1:][act][:, None])[:, 0]
+        torch.testing.assert_close(batch.old_logprobs[row][batch.response_mask[row]].double(), want, atol=2e-3, rtol=0)

@@ -30,6 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from opd_cli.config.rundir import check_empty, check_fresh, check_steps_ahead, check_writable, restore, saved_config
 from opd_cli.config.schema import LoraConfig, RolloutConfig, TrainConfig
+from opd_cli.envs.registry import env_factory
+from opd_cli.envs.runner import ENV_FORMATS, env_instances
 from opd_cli.errors import UserError, fail, one_line_errors
 from opd_cli.models.demo import DEMO_ROLES, TEACHER_STYLES
 from opd_cli.models.footprint import GIB, device_memory, meta_model, parameter_count, training_footprint
@@ -45,7 +47,15 @@ from opd_cli.tasks.alignment import model_path, read_texts
 from opd_cli.tasks.checking import resolve_checker
 from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
 from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
-from opd_cli.teacher.context import QUESTION_FIELDS, SELF, SELF_WEIGHTS, check_teacher_prompt, is_live, is_self
+from opd_cli.teacher.context import (
+    QUESTION_FIELDS,
+    SELF,
+    SELF_WEIGHTS,
+    check_teacher_prompt,
+    differs,
+    is_live,
+    is_self,
+)
 from opd_cli.teacher.registry import TEACHER_BACKENDS, backend_supplies, check_teacher_supplies
 
 # the dtype the student's parameters are loaded in, and the dtype it computes (and samples) in
@@ -66,7 +76,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "teacher.dtype": tuple(DTYPES),
         "teacher.backend": tuple(TEACHER_BACKENDS),
         "rollout.engine": tuple(ROLLOUT_ENGINES),
-        "task.name": ("arith", "hub"),
+        "task.name": ("arith", "hub", "env"),
         "task.chat_template_from": CHAT_TEMPLATE_FROM,
         "teacher.self_weights": SELF_WEIGHTS,
         "teacher.prompt.chat_template_from": CHAT_TEMPLATE_FROM,
@@ -317,17 +327,55 @@ def check_task_source(task: Any) -> None:
         raise UserError(f"task.path: file not found: {task.path}")
 
 
-def check_training_task(task: Any) -> None:
+def check_training_task(task: Any, episodes: bool = False) -> None:
     """The ``task`` whose training split a command reads: its data (a local file's every row, and
-    ``task.n_eval`` against the row count), template, question regex and checker."""
+    ``task.n_eval`` against the row count), template, question regex and checker; an environment's
+    (``check_env_task``) where the command plays episodes (``episodes``: opd-train), else one line."""
     if task.eval_only:
         where = task.path or task.dataset
         raise UserError(f"task.eval_only: '{where}' is an evaluation benchmark; train on another task")
+    if task.name == "env" and not episodes:
+        raise UserError("task.name: an environment task's episodes are played by opd-train only; use a data task")
+    if task.name == "env":
+        check_env_task(task)
+        return
     check_task_source(task)
     check_template(task.template)
     check_question_regex(task.question_regex)
     resolve_checker(task.checker)
     check_task_data(task)
+
+
+def check_env_task(task: Any) -> None:
+    """``task.env``: a known environment that its ``args`` build, budgets of at least one, a known format,
+    stop strings that are not empty, and fewer held-out instances than the environment has."""
+    ec = task.env
+    for key in ("max_turns", "turn_tokens"):
+        if ec[key] < 1:
+            raise UserError(f"task.env.{key}: must be an integer >= 1, got {ec[key]}")
+    if ec.format not in ENV_FORMATS:
+        raise UserError(f"task.env.format: '{ec.format}' is not one of: {', '.join(ENV_FORMATS)}")
+    if any(not s for s in ec.stop):
+        raise UserError("task.env.stop: a stop string must not be empty")
+    env_instances(task, env_factory(ec.name, dict(ec.args)))
+
+
+def check_env_run(cfg: Any) -> None:
+    """What an environment task cannot combine with: a data set's fixed responses, other prompt sources,
+    a teacher prompt of its own (the teacher reads the student's transcript as it is)."""
+    if cfg.task.name != "env":
+        return
+    if cfg.rollout.engine in DATA_ENGINES:
+        raise UserError(f"rollout.engine: an environment task samples its episodes; {cfg.rollout.engine} cannot")
+    if cfg.task.mix:
+        raise UserError("task.mix: an environment task's instances are its only prompts")
+    if cfg.rollout.engine == "hf" and cfg.trainer.engine == "deepspeed" and zero_stage(cfg.trainer) == 3:
+        # a sharded student samples in lockstep across ranks, but each rank's episodes take their own turns
+        raise UserError(
+            "trainer: an environment task cannot sample with a ZeRO-3 student; use zero1/zero2 or rollout=vllm"
+        )
+    if needs_teacher(cfg.loss) and differs(cfg.teacher):
+        raise UserError("teacher.prompt: the teacher scores an episode's transcript as the student saw it; unset it")
 
 
 def refuse_training_only_task_keys(task: Any, command: str) -> None:
@@ -433,6 +481,7 @@ def validate(cfg: Any) -> None:
     check_logger(cfg.logger, os.environ)
     check_world(cfg.trainer)
     check_devices(cfg)
+    check_env_run(cfg)
     check_rollout_data(cfg)
     student_sharded = zero_stage(cfg.trainer) == 3 and cfg.trainer.engine == "deepspeed"
     check_teacher_supplies(
@@ -451,7 +500,7 @@ def validate(cfg: Any) -> None:
     if cfg.teacher.shard and cfg.trainer.engine != "deepspeed":
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
     check_self_teacher(cfg)
-    check_training_task(cfg.task)
+    check_training_task(cfg.task, episodes=True)
     check_mix(cfg)
     if cfg.task.chat_template_from == "teacher" and not cfg.task.chat_template:
         raise UserError(
@@ -532,8 +581,8 @@ def check_models(cfg: Any, keys: tuple[str, ...]) -> None:
         if value.startswith("demo:"):
             if value.removeprefix("demo:") not in DEMO_ROLES:
                 raise UserError(f"{key}: '{value}' is not one of: {', '.join(f'demo:{r}' for r in DEMO_ROLES)}")
-            if cfg.task.name != "arith":
-                raise UserError(f"{key}: the demo models are built for task=arith only")
+            if cfg.task.name not in ("arith", "env"):
+                raise UserError(f"{key}: the demo models are built for task=arith and the environment tasks only")
             if value == "demo:hint":
                 check_hint_question(cfg.demo.hint_question)
             continue

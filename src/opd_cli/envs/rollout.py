@@ -45,8 +45,10 @@ class TurnFormat(Protocol):
         """The prompt: the first observation and whatever cues the student's first turn."""
         ...
 
-    def after(self, observation: str) -> str:
-        """The text appended after a student's turn: the observation and the cue of the next turn."""
+    def after(self, observation: str, closed: bool = True) -> str:
+        """The text appended after a student's turn: the observation and the cue of the next turn.
+
+        ``closed``: the turn ended at EOS (its tokens hold it); else the format closes the turn itself."""
         ...
 
 
@@ -59,7 +61,7 @@ class PlainFormat:
     def first(self, observation: str) -> str:
         return observation + self.cue
 
-    def after(self, observation: str) -> str:
+    def after(self, observation: str, closed: bool = True) -> str:
         return "\n" + observation + self.cue
 
 
@@ -215,7 +217,7 @@ def run_episodes(
             ep.turns.append(Turn(action, res.observation, res.reward, k))
             if res.done:
                 continue
-            obs_ids = encode(fmt.after(res.observation))
+            obs_ids = encode(fmt.after(res.observation, bool(ids) and ids[-1] == eos))
             # out of turns, or no room for the observation and one token of a next turn
             if len(ep.turns) >= budget.max_turns or len(transcripts[e].tokens) + len(obs_ids) >= budget.max_tokens:
                 ep.truncated = True

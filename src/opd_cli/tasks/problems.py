@@ -301,6 +301,8 @@ def load_problems(
     ``path_key`` and ``n_eval_key`` name the config keys that chose the file and the held-out
     count, for the error messages (a benchmark's file is chosen by another key than ``task.path``).
     """
+    if task_cfg.name == "env":
+        raise UserError("task.name: an environment task's episodes are played by opd-train only; use a data task")
     if task_cfg.name == "arith":
         check_n_eval(ARITH_SIZE, task_cfg, "the arith task", n_eval_key)
         return (
@@ -327,13 +329,22 @@ def check_task_data(task_cfg, path_key: str = "task.path", n_eval_key: str = "ta
         load_problems(task_cfg, path_key, n_eval_key)
 
 
+def data_presets() -> list[str]:
+    """The task presets of problems with answers (an environment task's episodes are not a benchmark)."""
+    return [
+        p.stem
+        for p in TASK_DIR.glob("*.yaml")
+        if not p.stem.startswith("_") and OmegaConf.load(p).get("name") != "env"
+    ]
+
+
 def task_config(name: str, path: str | None, key: str, path_key: str):
     """A task preset from ``conf/task/`` (over its ``_base.yaml``), with a local file if given.
 
     ``key`` and ``path_key`` name the config keys that chose them, for the error messages.
     """
 
-    presets = sorted(p.stem for p in TASK_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+    presets = sorted(data_presets())
     if name not in presets:
         raise UserError(f"{key}: unknown benchmark '{name}'; choose from: {', '.join(presets)}")
     own = OmegaConf.load(TASK_DIR / f"{name}.yaml")

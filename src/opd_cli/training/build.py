@@ -13,6 +13,7 @@ from opd_cli.batch import RolloutBatch
 from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precision
 from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
+from opd_cli.envs.runner import EpisodeRunner
 from opd_cli.models.checks import check_model
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
 from opd_cli.models.student import ADAPTER_DIR, add_lora, enable_checkpointing
@@ -68,6 +69,7 @@ class Parts:
     teacher_prompts: TeacherPrompts | None = None  # teacher.prompt: the teacher's own prompt of each training prompt
     teacher_eval_prompts: list[str] | None = None  # the eval prompts as the teacher sees them (its evaluation)
     live_teacher: bool = False  # teacher=self with live weights: scored by the rollout's own engine (kept awake)
+    episodes: EpisodeRunner | None = None  # task.name=env: prompts are instance numbers, rollouts are episodes
 
     def teacher_view(self, batch: RolloutBatch, prompts: list[str]) -> RolloutBatch:
         """``batch`` as the teacher scores it: after its own prompts, where ``teacher.prompt`` gives them."""
@@ -98,7 +100,12 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         enable_checkpointing(student)
     # logits must be hidden @ W.T; the packed pass and our decoders only where they equal the model's forward
     check_model(student, "model.name_or_path", sampling=cfg.rollout.engine in ("hf", *DATA_ENGINES))
-    train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
+    episodes = None
+    if cfg.task.name == "env":  # the prompts are instance numbers; an episode's prompt is its first observation
+        episodes = EpisodeRunner.of_task(cfg.task, s_tok)
+        train_prompts, longest = [q.question for q in train_problems], episodes.longest_prompt()
+    else:
+        train_prompts, longest = training_prompts(train_problems, cfg, s_tok)
     mix = None
     if cfg.task.mix:  # task.mix: each source's prompts, as the task's own are chosen
         extra = mix_problems(cfg.task)
@@ -110,9 +117,9 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
     answers = {}
     if cfg.loss.outcome_weight:
         answers = {format_prompt(q, cfg.task, s_tok): q.answer for q in train_problems}
-    eval_prompts = [format_prompt(p, cfg.task, s_tok) for p in eval_problems]
+    eval_prompts = [p.question if episodes else format_prompt(p, cfg.task, s_tok) for p in eval_problems]
     benchmarks = load_benchmarks(cfg, s_tok)
-    every_eval_prompt = eval_prompts + [q for b in benchmarks.values() for q in b.prompts]
+    every_eval_prompt = ([] if episodes else eval_prompts) + [q for b in benchmarks.values() for q in b.prompts]
     longest = max([longest] + [prompt_length(s_tok, p) for p in every_eval_prompt])
     teacher_prompts = teacher_eval_prompts = None
     if uses_teacher and differs(cfg.teacher):  # teacher.prompt: the teacher scores after its own prompts
@@ -163,4 +170,5 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         teacher_prompts,
         teacher_eval_prompts,
         live,
+        episodes,
     )

@@ -23,6 +23,9 @@ from opd_cli.config.rundir import RUN_CONFIG, check_fresh, check_same_run, saved
 from opd_cli.config.validate import validate
 from opd_cli.contracts import DatasetEngine, Trainer
 from opd_cli.dist import Rank, all_reduce, all_reduce_named, barrier, init_process_group, pick_device, shard, this_rank
+from opd_cli.envs.base import Episode
+from opd_cli.envs.registry import env_factory
+from opd_cli.envs.runner import env_instances, episode_means, episode_metrics
 from opd_cli.errors import Stopped, UserError
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
 from opd_cli.objectives.base import Objective
@@ -36,7 +39,7 @@ from opd_cli.training.build import Parts, build
 from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
 from opd_cli.training.data import eval_seed, rollout_seed, step_indices, step_prompts
-from opd_cli.training.evaluation import evaluate_patterns
+from opd_cli.training.evaluation import evaluate_patterns, pattern_rates
 from opd_cli.training.launch import StopRequest
 from opd_cli.training.logger import MetricsLogger, NullLogger
 from opd_cli.training.samples import Recording, SampleLog
@@ -102,9 +105,12 @@ def outcome_scores(batch: RolloutBatch, prompts: list[str], p: Parts) -> torch.T
     return torch.tensor([float(p.checker(t, a)) for t, a in zip(texts, answers, strict=True)])
 
 
-def step_batch(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> tuple[list[str], RolloutBatch]:
-    """This rank's batch of a step, and the prompts its ``prompt_index`` points into: the student's samples
-    for ``prompts``, or, from a data set (``rollout=dataset``), its share of the step's rows.
+def step_batch(
+    step: int, prompts: list[str], p: Parts, cfg, rank: Rank
+) -> tuple[list[str], RolloutBatch, list[Episode] | None]:
+    """This rank's batch of a step, the prompts its ``prompt_index`` points into, and its episodes (an
+    environment task's; else None): the student's samples for ``prompts`` (an environment's: episodes of
+    the instances they name), or, from a data set (``rollout=dataset``), its share of the step's rows.
 
     A step takes ``trainer.prompts_per_step * rollout.n`` data set rows (as many sequences as a
     sampled step), the next positions of one seeded shuffle of the rows per epoch (``step_indices``).
@@ -112,9 +118,15 @@ def step_batch(step: int, prompts: list[str], p: Parts, cfg, rank: Rank) -> tupl
     rc = cfg.rollout
     if isinstance(p.rollout, DatasetEngine):
         per_step = cfg.trainer.prompts_per_step * rc.n
-        return p.rollout.batch_of(shard(step_indices(p.rollout.num_rows, per_step, step, cfg.trainer.seed), rank))
+        return (
+            *p.rollout.batch_of(shard(step_indices(p.rollout.num_rows, per_step, step, cfg.trainer.seed), rank)),
+            None,
+        )
     seed = rollout_seed(cfg.trainer.seed, step, rank.rank)
-    return prompts, p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+    if p.episodes is not None:
+        instances = [int(q) for q in prompts]
+        return p.episodes.run(p.rollout, instances, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed)
+    return prompts, p.rollout.generate(prompts, rc.n, rc.temperature, rc.top_p, rc.max_new_tokens, seed), None
 
 
 def opd_step(
@@ -129,7 +141,7 @@ def opd_step(
     trainer, lc = p.trainer, cfg.loss
     clock = PhaseClock(trainer.model.device)
     with clock.phase("rollout"):
-        prompts, batch = step_batch(step, prompts, p, cfg, rank)
+        prompts, batch, episodes = step_batch(step, prompts, p, cfg, rank)
         if not p.live_teacher:  # a live self-teacher scores with the rollout's engine: it sleeps after that
             p.rollout.release()  # sleep mode: a vLLM engine's GPU memory is free until sync brings new weights
     with clock.phase("teacher"):
@@ -140,9 +152,11 @@ def opd_step(
         if p.live_teacher:
             p.rollout.release()
     if samples is not None and samples.due(step):  # logger.samples_every: a few responses to samples.jsonl
-        samples.train(step, prompts, batch, support, p.rollout)
+        samples.train(step, prompts, batch, support, p.episodes or p.rollout)
     with clock.phase("student"):
-        scores = outcome_scores(batch, prompts, p) if lc.outcome_weight else None
+        scores = None
+        if lc.outcome_weight:  # an episode's outcome is its return
+            scores = episode_returns(episodes) if episodes is not None else outcome_scores(batch, prompts, p)
         outcome = None if scores is None else lc.outcome_weight * group_advantage(scores, batch.prompt_index)
         x, offsets = token_inputs(batch, support, p.mask_ids, lc, outcome)
     loss, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
@@ -151,7 +165,15 @@ def opd_step(
         lr = trainer.end_step()
     with clock.phase("sync"):
         p.rollout.sync(trainer.model, trainer.sharded)  # a vLLM engine gets the new weights
-    return step_metrics(batch, scores, loss, sums, norms, lr, clock)
+    metrics = step_metrics(batch, scores, loss, sums, norms, lr, clock)
+    if episodes is not None:
+        metrics.update(episode_means(all_reduce_named(episode_metrics(episodes))))
+    return metrics
+
+
+def episode_returns(episodes: list[Episode]) -> torch.Tensor:
+    """Each episode's return (the sum of its rewards), as ``outcome_scores`` scores a response."""
+    return torch.tensor([float(e.reward) for e in episodes])
 
 
 def check_finite(step: int, loss: float, norms: list[float]) -> None:
@@ -287,7 +309,10 @@ def train(cfg, run_dir: Path) -> dict:
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
     resume = cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
     start_run(cfg, run_dir, resume)
-    train_problems, eval_problems = load_problems(cfg.task)
+    if cfg.task.name == "env":  # instance numbers: the first task.n_eval held out
+        train_problems, eval_problems = env_instances(cfg.task, env_factory(cfg.task.env.name, dict(cfg.task.env.args)))
+    else:
+        train_problems, eval_problems = load_problems(cfg.task)
     eval_problems = eval_problems[: cfg.eval.n_problems]
     if rank.main:
         remove_stale_saves(run_dir)  # saves a killed process never committed
@@ -316,8 +341,11 @@ def train(cfg, run_dir: Path) -> dict:
     ) -> tuple[float, dict[str, float]]:
         """avg@k of ``engine`` (progress labelled ``phase``) and its ``patterns``' match rates (``eval.patterns``);
         a few of its responses to samples.jsonl."""
-        engine = engine if samples is None else Recording(engine)
         desc = EVAL_LABELS.get(phase, phase)
+        if p.episodes is not None and problems is eval_problems:  # an environment's success rate
+            acc, texts = p.episodes.evaluate(engine, problems, cfg.eval, seed, desc)
+            return acc, pattern_rates(texts, patterns or {})
+        engine = engine if samples is None else Recording(engine)
         acc, rates = evaluate_patterns(engine, problems, prompts, checker, cfg.eval, seed, desc, patterns)
         if samples is not None:
             answers = {q: e.answer for q, e in zip(prompts, problems, strict=True)}
@@ -339,7 +367,8 @@ def train(cfg, run_dir: Path) -> dict:
             # no teacher is loaded for an objective that needs nothing from it (sft): no teacher accuracy
             state["acc_teacher"], state["patterns_teacher"] = None, {}
             log.info("evaluating %sthe student before training", "" if p.teacher is None else "the teacher and ")
-            if p.teacher_sampler is not None:
+            # an environment's episodes need a sampler of token ids (not a teacher server's)
+            if p.teacher_sampler is not None and (p.episodes is None or hasattr(p.teacher_sampler, "generate_ids")):
                 teacher_prompts = p.teacher_eval_prompts or p.eval_prompts  # teacher.prompt: with what it sees
                 state["acc_teacher"], state["patterns_teacher"] = evaluated(
                     p.teacher_sampler,
