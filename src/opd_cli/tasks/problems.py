@@ -332,9 +332,7 @@ def check_task_data(task_cfg, path_key: str = "task.path", n_eval_key: str = "ta
 def data_presets() -> list[str]:
     """The task presets of problems with answers (an environment task's episodes are not a benchmark)."""
     return [
-        p.stem
-        for p in TASK_DIR.glob("*.yaml")
-        if not p.stem.startswith("_") and OmegaConf.load(p).get("name") != "env"
+        p.stem for p in TASK_DIR.glob("*.yaml") if not p.stem.startswith("_") and OmegaConf.load(p).get("name") != "env"
     ]
 
 
