@@ -120,7 +120,9 @@ def test_an_unreachable_hub_is_refused_in_seconds(hub_down):
         ("loss.tail_floor=0", "loss.tail_floor: must be in (0, 1), got 0.0"),
         (
             "eval.benchmarks=[aime42]",
-            "eval.benchmarks: unknown benchmark 'aime42'; choose from: aime24, aime25, amc23, arith, dapo_math, math500",
+            "eval.benchmarks: unknown benchmark 'aime42'; choose from: aime24, aime25, amc23, arith, dapo_math, math500, "
+            "rg/basic_arithmetic, rg/chain_sum, rg/family_relationships, rg/gsm_symbolic, rg/leg_counting, "
+            "rg/simple_equations",
         ),
         (
             "eval.benchmarks=[aime24] eval.benchmark_paths.aime24=/no.jsonl",

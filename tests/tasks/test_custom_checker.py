@@ -36,7 +36,10 @@ def test_a_checker_by_path_is_used(checks_module):
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ("nope", r"^task\.checker: 'nope' is not one of: exact, math_verify, nor a 'package\.module:function' path$"),
+        (
+            "nope",
+            r"^task\.checker: 'nope' is not one of: exact, math_verify, reasoning_gym, nor a 'package\.module:function' path$",
+        ),
         ("no_such_module_xyz:f", r"^task\.checker: cannot import 'no_such_module_xyz' .*PYTHONPATH"),
         ("my_checks:missing", r"^task\.checker: 'my_checks' has no function 'missing'$"),
         ("my_checks:NOT_A_FUNCTION", r"^task\.checker: 'my_checks' has no function 'NOT_A_FUNCTION'$"),

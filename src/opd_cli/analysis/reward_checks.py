@@ -28,7 +28,7 @@ from opd_cli.config.validate import (
 from opd_cli.errors import UserError
 from opd_cli.models.loading import DTYPES
 from opd_cli.rollout.registry import SAMPLING_ENGINES
-from opd_cli.tasks.checking import resolve_checker
+from opd_cli.tasks.checking import check_task_checker
 from opd_cli.tasks.problems import check_task_data
 from opd_cli.tasks.prompts import check_template
 
@@ -118,7 +118,7 @@ def check_task(cfg: Any) -> None:
         )
     check_template(task.template)
     check_question_regex(task.question_regex)
-    resolve_checker(task.checker)
+    check_task_checker(task)
     check_task_data(task)
 
 

@@ -129,6 +129,15 @@ class EnvConfig:
 
 
 @dataclass
+class RGConfig:
+    """``task.rg``: a ``task.name=reasoning_gym`` task's procedural generator (the reasoning-gym package)."""
+
+    dataset: str = "chain_sum"
+    size: int = 2000
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TaskConfig:
     name: str = "arith"
     dataset: str | None = None
@@ -149,6 +158,7 @@ class TaskConfig:
     chat_template_from: str = "student"
     mix: list[MixSourceConfig] = field(default_factory=list)
     env: EnvConfig = field(default_factory=EnvConfig)
+    rg: RGConfig = field(default_factory=RGConfig)
 
 
 @dataclass

@@ -44,7 +44,7 @@ from opd_cli.objectives.registry import OBJECTIVES, make_objective, needs_teache
 from opd_cli.rollout.dataset import open_dataset
 from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES, SAMPLING_ENGINES
 from opd_cli.tasks.alignment import model_path, read_texts
-from opd_cli.tasks.checking import resolve_checker
+from opd_cli.tasks.checking import check_task_checker
 from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
 from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
 from opd_cli.teacher.context import (
@@ -76,7 +76,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "teacher.dtype": tuple(DTYPES),
         "teacher.backend": tuple(TEACHER_BACKENDS),
         "rollout.engine": tuple(ROLLOUT_ENGINES),
-        "task.name": ("arith", "hub", "env"),
+        "task.name": ("arith", "hub", "reasoning_gym", "env"),
         "task.chat_template_from": CHAT_TEMPLATE_FROM,
         "teacher.self_weights": SELF_WEIGHTS,
         "teacher.prompt.chat_template_from": CHAT_TEMPLATE_FROM,
@@ -323,6 +323,9 @@ def check_task_source(task: Any) -> None:
         raise UserError("task.dataset: a hub task needs task.dataset or task.path")
     if task.name == "hub" and not task.path and not offline():
         check_hub_reachable(task.dataset, "task.dataset")
+    if task.name == "reasoning_gym" and (task.path or task.dataset):
+        key = "task.path" if task.path else "task.dataset"
+        raise UserError(f"{key}: a reasoning_gym task makes its problems (task.rg); set {key}=null")
     if task.path and not Path(task.path).exists():
         raise UserError(f"task.path: file not found: {task.path}")
 
@@ -342,7 +345,7 @@ def check_training_task(task: Any, episodes: bool = False) -> None:
     check_task_source(task)
     check_template(task.template)
     check_question_regex(task.question_regex)
-    resolve_checker(task.checker)
+    check_task_checker(task)
     check_task_data(task)
 
 

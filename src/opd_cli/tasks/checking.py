@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 
 from opd_cli.errors import UserError
+from opd_cli.tasks.rg import rg_accepts
 
 
 def last_boxed(text: str) -> str | None:
@@ -87,6 +88,9 @@ Checker = Callable[[str, str], bool]
 CHECKERS: dict[str, Callable[..., bool]] = {"exact": check_exact, "math_verify": check_math_verify}
 # task.checker -> the task config's keys it takes, as keyword argument -> config key
 CHECKER_OPTIONS: dict[str, dict[str, str]] = {"math_verify": {"timeout_s": "answer_timeout_s"}}
+# task.checker of a task.name=reasoning_gym task: its generator's own score_answer (built per task, not a
+# function of (response, gold) alone)
+RG_CHECKER = "reasoning_gym"
 
 
 def resolve_checker(name: str, key: str = "task.checker") -> Callable[..., bool]:
@@ -96,7 +100,9 @@ def resolve_checker(name: str, key: str = "task.checker") -> Callable[..., bool]
         return CHECKERS[name]
     module_name, colon, attr = name.partition(":")
     if not colon or not module_name or not attr:
-        raise UserError(f"{key}: '{name}' is not one of: {', '.join(CHECKERS)}, nor a 'package.module:function' path")
+        raise UserError(
+            f"{key}: '{name}' is not one of: {', '.join([*CHECKERS, RG_CHECKER])}, nor a 'package.module:function' path"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
@@ -113,8 +119,34 @@ def resolve_checker(name: str, key: str = "task.checker") -> Callable[..., bool]
     return check
 
 
+def check_task_checker(task_cfg, key: str = "task.checker") -> None:
+    """The start-up check of ``task.checker``: a built-in or an importable function, or ``reasoning_gym`` on a
+    ``task.name=reasoning_gym`` task."""
+    if task_cfg.checker != RG_CHECKER:
+        resolve_checker(task_cfg.checker, key)
+    elif task_cfg.name != "reasoning_gym":
+        raise UserError(
+            f"{key}: reasoning_gym scores with the generator of a task.name=reasoning_gym task (task=rg/<name>); "
+            f"this task is '{task_cfg.name}': use {', '.join(CHECKERS)} or your own function"
+        )
+
+
+def reasoning_gym_checker(task_cfg) -> Checker:
+    """``check(response, gold)``: the generator of a ``task.name=reasoning_gym`` task scores the last
+    ``\\boxed{...}`` of the response (stripped) 1.0 (``rg.rg_accepts``); no box is wrong."""
+    accepts = rg_accepts(task_cfg)
+
+    def check(response: str, gold: str) -> bool:
+        got = last_boxed(response)
+        return accepts(None if got is None else got.strip(), gold)
+
+    return check
+
+
 def make_checker(task_cfg) -> Checker:
     """The task's answer check as ``check(response, gold) -> bool``."""
+    if task_cfg.checker == RG_CHECKER:
+        return reasoning_gym_checker(task_cfg)
     check = resolve_checker(task_cfg.checker)
     options = {arg: getattr(task_cfg, key) for arg, key in CHECKER_OPTIONS.get(task_cfg.checker, {}).items()}
     return functools.partial(check, **options) if options else check

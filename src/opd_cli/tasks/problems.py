@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from opd_cli.config.schema import TaskConfig
 from opd_cli.errors import UserError
+from opd_cli.tasks.rg import rg_split
 
 TASK_DIR = Path(__file__).resolve().parents[3] / "conf" / "task"
 
@@ -309,6 +310,9 @@ def load_problems(
             arith_problems(task_cfg.seed, "train", task_cfg.n_eval),
             arith_problems(task_cfg.seed, "test", task_cfg.n_eval),
         )
+    if task_cfg.name == "reasoning_gym":
+        train, held = rg_split(task_cfg)
+        return [Problem(q, a) for q, a in train], [Problem(q, a) for q, a in held]
     problems = hub_problems(
         task_cfg.dataset, task_cfg.path, task_cfg.split, task_cfg.question_key, task_cfg.answer_key, path_key,
         getattr(task_cfg, "solution_key", None),
@@ -325,6 +329,8 @@ def check_task_data(task_cfg, path_key: str = "task.path", n_eval_key: str = "ta
     (it may need a download); ``load_problems`` reads a file again from its cache."""
     if task_cfg.name == "arith":
         check_n_eval(ARITH_SIZE, task_cfg, "the arith task", n_eval_key)
+    elif task_cfg.name == "reasoning_gym":  # made offline: the generator, its config and the size are checked
+        rg_split(task_cfg)
     elif task_cfg.path:
         load_problems(task_cfg, path_key, n_eval_key)
 
