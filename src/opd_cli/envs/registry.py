@@ -16,6 +16,10 @@ from opd_cli.errors import UserError
 ENVIRONMENTS: dict[str, str] = {
     # the built-in demo: reach a two-digit target by adding or subtracting single digits
     "demo": "opd_cli.envs.demo:ReachTarget",
+    # TextWorld games (.z8) from a directory or glob: task.env.args.games (the envs extra)
+    "textworld": "opd_cli.envs.textworld:TextWorldEnv",
+    # ALFWorld's text games (game.tw-pddl) from its data (alfworld-download) or a glob (the envs extra)
+    "alfworld": "opd_cli.envs.alfworld:ALFWorldEnv",
 }
 
 
