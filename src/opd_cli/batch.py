@@ -7,6 +7,7 @@ layout, masks, the sampler's log-probs); a teacher backend returns a ``TeacherSu
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,3 +178,22 @@ class TeacherSupport:
     sampled_logprob: torch.Tensor  # [N] float, log q(y_t) of the sampled token
     entropy: torch.Tensor  # [N] float, H(q_t) over the full vocabulary
     hidden: torch.Tensor | None = None  # [N, d_t] final hidden states, when "full" is asked for
+
+
+def merge_supports(parts: list[tuple[list[int], TeacherSupport]], lengths: list[int]) -> TeacherSupport:
+    """One batch's ``TeacherSupport`` from the supports of disjoint sets of its rows (each a row subset's, flat
+    over that subset's response tokens in row order), back in the batch's row order; ``lengths[r]`` is row
+    ``r``'s number of response tokens. Every part supplies the same fields."""
+    pieces: dict[int, dict[str, torch.Tensor | None]] = {}
+    names = [f.name for f in dataclasses.fields(TeacherSupport)]
+    for rows, support in parts:
+        split = {
+            n: None if getattr(support, n) is None else getattr(support, n).split([lengths[r] for r in rows])
+            for n in names
+        }
+        for j, r in enumerate(rows):
+            pieces[r] = {n: None if split[n] is None else split[n][j] for n in names}
+    if sorted(pieces) != list(range(len(lengths))):
+        raise ValueError("merge_supports: the parts must cover every row of the batch once")
+    order = [pieces[r] for r in range(len(lengths))]
+    return TeacherSupport(**{n: None if order[0][n] is None else torch.cat([o[n] for o in order]) for n in names})

@@ -26,6 +26,10 @@ TEACHER_HUB_OFFLINE = (
     r"^error: teacher\.name_or_path: cannot load 'Qwen/Qwen3-8B': it is not in the local Hugging Face cache"
 )
 PLAN = {
+    "opd-train task=env_demo rollout.max_new_tokens=128 eval.max_new_tokens=128": (
+        "covered", "tests/commands/test_env_task.py::test_hf_episodes_train_and_log_per_episode_metrics"),
+    "opd-train '+multitask.tasks.math={task: arith}' '+multitask.tasks.game={task: env_demo}' '+multitask.teachers.game=demo:student'": (
+        "covered", "tests/commands/test_multitask.py::test_two_tasks_alternate_with_their_own_metrics_and_evaluation"),
     "make run": ("covered", "tests/commands/test_readme.py::test_every_readme_command_runs_as_written (opd-train)"),
     "make test": ("covered", ".ci/run"),
     "opd-train loss=sampled_token trainer.max_steps=20": ("run", "base"),

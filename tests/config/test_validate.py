@@ -22,6 +22,8 @@ from ..tasks.bad_data import BAD_FILES, GOOD_ROW, write
 CONF = REPO / "conf"
 GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
 
+from ..envs.conftest import alfworld_data  # noqa: F401, E402 - the fixture (ALFWorld's data folder)
+
 
 def presets(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
@@ -36,7 +38,7 @@ COMPANIONS = {
 
 
 @pytest.mark.parametrize("group,preset", [(g, p) for g in GROUPS for p in presets(g)])
-def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_path):
+def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_path, request):
     extra = []
     if companion := COMPANIONS.get((group, preset)):
         extra = [companion, f"rollout.path={write_sft_data(tmp_path / 'data', 4)}"]
@@ -44,8 +46,14 @@ def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_pat
         row = {"prompt": [{"content": "What is 1+1?"}], "reward_model": {"ground_truth": "2"}}
         (tmp_path / "aligned.jsonl").write_text(json.dumps(row) + "\n")
         extra = [f"task.mix.0.path={tmp_path / 'aligned.jsonl'}"]
+    if (group, preset) in (("experiment", "paper_a_multitask"), ("task", "alfworld")):  # ALFWorld's data: one game
+        games = request.getfixturevalue("alfworld_data") / "json_2.1.1" / "train"
+        key = "multitask.tasks.alfworld.overrides." if group == "experiment" else "task."
+        extra = [f"+{key}env.args.games={games}", f"{'+' if group == 'experiment' else ''}{key}n_eval=0"]
+        if group == "experiment":  # the authors' ALFWorld teacher is a checkpoint of theirs
+            extra.append("multitask.teachers.alfworld=Qwen/Qwen2.5-7B-Instruct")
     cfg = compose_cfg([f"{group}={preset}", *extra])
-    if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name == "arith":
+    if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name in ("arith", "env"):
         validate(cfg)
 
 

@@ -93,7 +93,7 @@ def test_episode_metrics_are_per_episode_rates_and_tokens_per_turn():
 @pytest.mark.parametrize(
     ("overrides", "error"),
     [
-        (["task.env.name=chess"], r"^task\.env\.name: unknown environment 'chess'; known: demo"),
+        (["task.env.name=chess"], r"^task\.env\.name: unknown environment 'chess'; known: alfworld, demo, textworld"),
         (["+task.env.args.colour=red"], r"^task\.env\.args: environment 'demo' does not take these arguments"),
         (["task.env.max_turns=0"], r"^task\.env\.max_turns: must be an integer >= 1"),
         (["task.env.format=html"], r"^task\.env\.format: 'html' is not one of: plain, chat"),

@@ -257,6 +257,26 @@ class RunConfig:
 
 
 @dataclass
+class MultiTaskEntry:
+    """One task of ``multitask.tasks``: a task preset, its share of the steps and keys over the preset."""
+
+    task: str = "arith"
+    weight: float = 1.0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MultiTaskConfig:
+    """``multitask``: several tasks trained at once, each with its own teacher where ``teachers`` names one."""
+
+    mode: str = "alternate"
+    # name -> MultiTaskEntry; untyped here because Hydra cannot add a typed entry from the command line
+    # (``tasks.multitask.entries`` types each one)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    teachers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig(RunConfig):
     """``opd-train`` (conf/train.yaml and its groups document each key)."""
 
@@ -266,6 +286,7 @@ class TrainConfig(RunConfig):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: TrainEvalConfig = field(default_factory=TrainEvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    multitask: MultiTaskConfig = field(default_factory=MultiTaskConfig)
 
 
 @dataclass

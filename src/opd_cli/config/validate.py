@@ -45,6 +45,7 @@ from opd_cli.rollout.dataset import open_dataset
 from opd_cli.rollout.registry import DATA_ENGINES, ROLLOUT_ENGINES, SAMPLING_ENGINES
 from opd_cli.tasks.alignment import model_path, read_texts
 from opd_cli.tasks.checking import check_task_checker
+from opd_cli.tasks.multitask import check_multitask, task_entries, task_teacher, teacher_key
 from opd_cli.tasks.problems import check_task_data, mix_problems, mix_weights, task_config
 from opd_cli.tasks.prompts import CHAT_TEMPLATE_FROM, check_template
 from opd_cli.teacher.context import (
@@ -381,6 +382,43 @@ def check_env_run(cfg: Any) -> None:
         raise UserError("teacher.prompt: the teacher scores an episode's transcript as the student saw it; unset it")
 
 
+def check_multitask_run(cfg: Any) -> None:
+    """``multitask``: its weights, mode and teachers (``check_multitask``), each task's preset, overrides and data
+    as a training task's, each named teacher's model, and what a multitask run does not combine with."""
+    check_multitask(cfg)
+    if not cfg.multitask.tasks:
+        return
+    entries = task_entries(cfg)
+    for name, task in entries:
+        try:
+            check_training_task(task, episodes=True)
+        except UserError as e:  # name the entry: its task keys are the preset's and the overrides'
+            raise UserError(f"multitask.tasks.{name}: {e}") from None
+    if cfg.task.mix or any(task.mix for _, task in entries):
+        raise UserError("task.mix: a multitask run draws its prompts from multitask.tasks; use their weights")
+    if needs_teacher(cfg.loss) and differs(cfg.teacher):
+        raise UserError("teacher.prompt: a multitask run's teachers score the student's own prompts; unset it")
+    teachers = {teacher_key(task_teacher(cfg, name)) for name, _ in entries}
+    for name, value in cfg.multitask.teachers.items():
+        tc = task_teacher(cfg, name)
+        if is_self(tc):
+            raise UserError(f"multitask.teachers.{name}: teacher=self is not a per-task teacher; name a model")
+        role = tc.name_or_path.removeprefix("demo:")
+        if tc.name_or_path.startswith("demo:") and role not in DEMO_ROLES:
+            raise UserError(f"multitask.teachers.{name}: '{value}' is not a teacher preset, a model path or one of: "
+                            + ", ".join(f"demo:{r}" for r in DEMO_ROLES))  # fmt: skip
+        if looks_local(tc.name_or_path) and not Path(tc.name_or_path).expanduser().exists():
+            raise UserError(f"multitask.teachers.{name}: '{value}' is not a teacher preset, and no such model path")
+    if cfg.multitask.mode == "mixed" and (env := next((n for n, t in entries if t.name == "env"), None)):
+        raise UserError(
+            f"multitask.mode: mixed batches single-turn prompts; task '{env}' plays episodes (use alternate)"
+        )
+    if cfg.multitask.mode == "mixed" and cfg.loss.outcome_weight:
+        raise UserError("loss.outcome_weight: multitask.mode=mixed has no per-task outcome check; use alternate")
+    if len(teachers) > 1 and "full" in make_objective(cfg.loss).teacher_needs:
+        raise UserError(f"loss: '{cfg.loss.name}' needs the teacher's head, which differs between the tasks' teachers")
+
+
 def refuse_training_only_task_keys(task: Any, command: str) -> None:
     """``task.mix`` and ``task.chat_template_from`` shape opd-train's prompts; another command would ignore them."""
     if task.mix:
@@ -504,6 +542,7 @@ def validate(cfg: Any) -> None:
         raise UserError("teacher.shard: sharding the teacher needs the deepspeed engine (trainer=zero1|zero2|zero3)")
     check_self_teacher(cfg)
     check_training_task(cfg.task, episodes=True)
+    check_multitask_run(cfg)
     check_mix(cfg)
     if cfg.task.chat_template_from == "teacher" and not cfg.task.chat_template:
         raise UserError(

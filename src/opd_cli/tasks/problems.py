@@ -336,9 +336,12 @@ def check_task_data(task_cfg, path_key: str = "task.path", n_eval_key: str = "ta
 
 
 def data_presets() -> list[str]:
-    """The task presets of problems with answers (an environment task's episodes are not a benchmark)."""
+    """The task presets of problems with answers: conf/task/<name>.yaml and conf/task/rg/<name>.yaml (named
+    rg/<name>); an environment task's episodes are not a benchmark."""
     return [
-        p.stem for p in TASK_DIR.glob("*.yaml") if not p.stem.startswith("_") and OmegaConf.load(p).get("name") != "env"
+        str(p.relative_to(TASK_DIR).with_suffix(""))
+        for p in TASK_DIR.rglob("*.yaml")
+        if not p.name.startswith("_") and OmegaConf.load(p).get("name") != "env"
     ]
 
 

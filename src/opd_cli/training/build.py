@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from omegaconf import open_dict
 from transformers import PreTrainedTokenizerBase
 
 from opd_cli.batch import RolloutBatch
@@ -23,6 +25,7 @@ from opd_cli.objectives.masks import mask_token_ids
 from opd_cli.objectives.registry import make_objective, needs_teacher, teacher_k
 from opd_cli.rollout.registry import DATA_ENGINES, RolloutSpec, make_rollout
 from opd_cli.tasks.checking import Checker, make_checker
+from opd_cli.tasks.multitask import task_weights, teacher_key
 from opd_cli.tasks.problems import mix_problems, mix_weights
 from opd_cli.tasks.prompts import format_prompt, with_chat_template
 from opd_cli.teacher.context import TeacherPrompts, differs, is_live, teacher_model_name, teacher_prompt
@@ -70,16 +73,81 @@ class Parts:
     teacher_eval_prompts: list[str] | None = None  # the eval prompts as the teacher sees them (its evaluation)
     live_teacher: bool = False  # teacher=self with live weights: scored by the rollout's own engine (kept awake)
     episodes: EpisodeRunner | None = None  # task.name=env: prompts are instance numbers, rollouts are episodes
+    # multitask: each task's parts by name (the first is this one), sharing the student, rollout and objective
+    tasks: dict[str, Parts] = field(default_factory=dict)
+    # multitask.mode=mixed: training prompt -> its task's name (each row is scored by its own task's teacher)
+    routes: dict[str, str] | None = None
 
     def teacher_view(self, batch: RolloutBatch, prompts: list[str]) -> RolloutBatch:
         """``batch`` as the teacher scores it: after its own prompts, where ``teacher.prompt`` gives them."""
         return batch if self.teacher_prompts is None else self.teacher_prompts.view(batch, prompts)
 
 
-def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_problems, eval_problems) -> Parts:
+@dataclass
+class TaskData:
+    """One more task of a multitask run: what its steps and evaluations read (``Parts``' fields of its own)."""
+
+    train_prompts: list[str]
+    eval_prompts: list[str]
+    answers: dict[str, str]
+    checker: Checker
+    episodes: EpisodeRunner | None
+    longest: int  # its longest prompt, in tokens
+
+
+def task_data(tcfg, cfg, train_problems, eval_problems, tokenizer) -> TaskData:
+    """A task's prompts (an environment's: instance numbers), gold answers and checker, as ``build`` makes the
+    first task's."""
+    if tcfg.name == "env":
+        episodes = EpisodeRunner.of_task(tcfg, tokenizer)
+        train, evals = [q.question for q in train_problems], [q.question for q in eval_problems]
+        return TaskData(train, evals, {}, make_checker(tcfg), episodes, episodes.longest_prompt())
+    train, longest = training_prompts(train_problems, with_task(cfg, tcfg), tokenizer)
+    evals = [format_prompt(q, tcfg, tokenizer) for q in eval_problems]
+    answers = {format_prompt(q, tcfg, tokenizer): q.answer for q in train_problems}
+    longest = max([longest] + [prompt_length(tokenizer, q) for q in evals])
+    return TaskData(train, evals, answers, make_checker(tcfg), None, longest)
+
+
+def with_task(cfg, task=None, teacher=None):
+    """A copy of the run's config with another ``task`` and/or ``teacher`` section."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        if task is not None:
+            out.task = task
+        if teacher is not None:
+            out.teacher = teacher
+    return out
+
+
+def load_teacher(cfg, tc, rank: Rank, device, s_tok, s_rows: int, max_len: int):
+    """Teacher ``tc`` of a multitask run's task (its model resolved by rank 0 first), and its sampler."""
+    c = with_task(cfg, teacher=tc)
+    for turn in (True, False):
+        if rank.main == turn:
+            path = resolve_path(tc.name_or_path, c)
+        barrier()
+    t_tok = load_tokenizer(path, "multitask.teachers", tc.trust_remote_code)
+    teacher, sampler, rows = make_teacher(c, path, t_tok, device, max_len)
+    check_same_vocabulary(s_tok, t_tok, s_rows, rows)
+    return teacher, sampler
+
+
+def build(
+    cfg,
+    rank: Rank,
+    device: torch.device,
+    ckpt: Path | None,
+    train_problems,
+    eval_problems,
+    more_tasks=(),
+    first: str = "",
+) -> Parts:
     """Load the models and make the engines, teacher and objective of a run (``opd-train`` and ``make bench``).
 
-    The teacher is loaded only if the objective needs something from it (not for ``sft``)."""
+    The teacher is loaded only if the objective needs something from it (not for ``sft``). ``more_tasks``: a
+    multitask run's other tasks, ``(name, task config, teacher config, train problems, eval problems)`` each;
+    ``cfg`` holds the first task (named ``first``) and its teacher. Each distinct teacher is loaded once."""
     uses_teacher = needs_teacher(cfg.loss)
     live = uses_teacher and is_live(cfg.teacher)
     teacher_template = cfg.task.chat_template_from == "teacher" or cfg.teacher.prompt.chat_template_from == "teacher"
@@ -128,6 +196,8 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         teacher_prompts = TeacherPrompts(pairs, t_tok)
         teacher_eval_prompts = [teacher_prompt(q, cfg.task, pc, t_fmt) for q in eval_problems]
         longest = max([longest, teacher_prompts.longest()] + [prompt_length(t_tok, q) for q in teacher_eval_prompts])
+    more = {name: task_data(tc, cfg, tr, ev, s_tok) for name, tc, _, tr, ev in more_tasks}
+    longest = max([longest] + [d.longest for d in more.values()])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     teacher = teacher_sampler = None
     if uses_teacher and not live:
@@ -136,6 +206,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         # and covers what it could not see (a resumed student, a hub model downloaded just now)
         check_same_vocabulary(s_tok, t_tok, lm_head_weight(student).shape[0], t_rows)
     mask_ids = mask_token_ids(s_tok, list(cfg.loss.mask_tokens))
+    s_rows = lm_head_weight(student).shape[0]  # before ZeRO-3 partitions it
     trainer = make_trainer(student, cfg.trainer, rank, precision)
     spec = RolloutSpec(
         trainer.model, s_tok, s_path, max_len, COMPUTE_DTYPE[precision], cfg.trainer.seed, trainer.sharded,
@@ -153,7 +224,7 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         log.warning(why)
     if teacher is not None:
         check_teacher_supplies(objective, teacher.supplies, cfg.teacher.backend)
-    return Parts(
+    p = Parts(
         s_tok,
         train_prompts,
         answers,
@@ -172,3 +243,31 @@ def build(cfg, rank: Rank, device: torch.device, ckpt: Path | None, train_proble
         live,
         episodes,
     )
+    if more_tasks:  # each task's parts: its prompts, checker and teacher (one load per distinct teacher)
+        teachers = {teacher_key(cfg.teacher): (teacher, teacher_sampler)}
+        p.tasks = {first: p}
+        for name, _, tc, _, _ in more_tasks:
+            key = teacher_key(tc)
+            if uses_teacher and key not in teachers:
+                teachers[key] = load_teacher(cfg, tc, rank, device, s_tok, s_rows, max_len)
+            t, sampler = teachers.get(key, (None, None))
+            d = more[name]
+            p.tasks[name] = replace(
+                p, train_prompts=d.train_prompts, eval_prompts=d.eval_prompts, answers=d.answers, checker=d.checker,
+                episodes=d.episodes, teacher=t, teacher_sampler=sampler, benchmarks={}, mix=None, tasks={},
+            )  # fmt: skip
+        if cfg.multitask.mode == "mixed":  # each step's prompts drawn from every task, routed back by prompt
+            names = list(p.tasks)
+            p.routes = {q: name for name in reversed(names) for q in p.tasks[name].train_prompts}
+            p.answers = {q: a for name in names for q, a in p.tasks[name].answers.items()}
+            weights = task_weights(cfg)
+            sources = [p.tasks[n].train_prompts for n in names]
+            p.mix = Mix(
+                sources,
+                [w / sum(weights) for w in weights],
+                cfg.trainer.prompts_per_step,
+                cfg.trainer.seed,
+                names,
+                "task",
+            )
+    return p

@@ -87,9 +87,16 @@ class Mix:
     """
 
     def __init__(
-        self, sources: list[list[str]], weights: list[float], per_step: int, seed: int, names: list[str] = ()
+        self,
+        sources: list[list[str]],
+        weights: list[float],
+        per_step: int,
+        seed: int,
+        names: list[str] = (),
+        label: str = "mix",
     ) -> None:
         self.sources, self.weights, self.per_step, self.seed = sources, weights, per_step, seed
+        self.label = label  # the metrics' prefix: data/<label>_<name>
         self.names = list(names) or [str(i) for i in range(len(sources))]  # of the metrics data/mix_<name>
         self._starts: dict[int, list[int]] = {1: [0] * len(sources)}  # step -> each source's first position
 
@@ -114,8 +121,8 @@ class Mix:
         return [next(taken[source]) for source in draw], counts
 
     def metrics(self, counts: list[int]) -> dict[str, float]:
-        """The realised share of a step's prompts from each source: ``data/mix_<name>``."""
-        return {f"data/mix_{name}": c / self.per_step for name, c in zip(self.names, counts, strict=True)}
+        """The realised share of a step's prompts from each source: ``data/mix_<name>`` (``data/<label>_<name>``)."""
+        return {f"data/{self.label}_{name}": c / self.per_step for name, c in zip(self.names, counts, strict=True)}
 
 
 def prompt_length(tokenizer, prompt: str) -> int:

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from opd_cli.batch import RolloutBatch, chunk_bounds
+from opd_cli.batch import RolloutBatch, TeacherSupport, chunk_bounds, merge_supports
 from opd_cli.config.rundir import RUN_CONFIG, check_fresh, check_same_run, saved_config
 from opd_cli.config.validate import validate
-from opd_cli.contracts import DatasetEngine, Trainer
+from opd_cli.contracts import DatasetEngine, TeacherBackend, Trainer
 from opd_cli.dist import Rank, all_reduce, all_reduce_named, barrier, init_process_group, pick_device, shard, this_rank
 from opd_cli.envs.base import Episode
 from opd_cli.envs.registry import env_factory
-from opd_cli.envs.runner import env_instances, episode_means, episode_metrics
+from opd_cli.envs.runner import EpisodeRunner, env_instances, episode_means, episode_metrics
 from opd_cli.errors import Stopped, UserError
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
 from opd_cli.objectives.base import Objective
@@ -33,9 +33,10 @@ from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
 from opd_cli.objectives.inputs import TokenInputs, token_inputs
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.progress import Progress
-from opd_cli.tasks.problems import load_problems, mix_problems
+from opd_cli.tasks.multitask import Alternation, task_entries, task_teacher, task_weights
+from opd_cli.tasks.problems import Problem, load_problems, mix_problems
 from opd_cli.tasks.scores import gap_recovery
-from opd_cli.training.build import Parts, build
+from opd_cli.training.build import Parts, build, with_task
 from opd_cli.training.checkpoint import explain_failed_save, latest_checkpoint, remove_stale_saves
 from opd_cli.training.clock import PHASES, PhaseClock, peak_memory_gb
 from opd_cli.training.data import eval_seed, rollout_seed, step_indices, step_prompts
@@ -147,8 +148,7 @@ def opd_step(
     with clock.phase("teacher"):
         support = None
         if p.teacher is not None:  # after the teacher's own prompts, where teacher.prompt gives them
-            full = "full" in p.objective.teacher_needs
-            support = p.teacher.score(p.teacher_view(batch, prompts), teacher_k(lc), keep_hidden=full)
+            support = teacher_scores(p, batch, prompts, teacher_k(lc), "full" in p.objective.teacher_needs)
         if p.live_teacher:
             p.rollout.release()
     if samples is not None and samples.due(step):  # logger.samples_every: a few responses to samples.jsonl
@@ -169,6 +169,39 @@ def opd_step(
     if episodes is not None:
         metrics.update(episode_means(all_reduce_named(episode_metrics(episodes))))
     return metrics
+
+
+def teacher_scores(p: Parts, batch: RolloutBatch, prompts: list[str], k: int, full: bool) -> TeacherSupport:
+    """The teacher's scores of a batch; under ``multitask.mode=mixed`` each row's by its own task's teacher (the
+    rows of each teacher scored together, the supports merged back in row order)."""
+    if p.routes is None:
+        return p.teacher.score(p.teacher_view(batch, prompts), k, keep_hidden=full)
+    groups: dict[int, tuple[TeacherBackend, list[int]]] = {}
+    for row, i in enumerate(batch.prompt_index.tolist()):
+        teacher = p.tasks[p.routes[prompts[i]]].teacher
+        groups.setdefault(id(teacher), (teacher, []))[1].append(row)
+    if len(groups) == 1:
+        return next(iter(groups.values()))[0].score(batch, k, keep_hidden=full)
+    lengths = batch.response_mask.sum(1).tolist()
+    parts = [(rows, t.score(batch.select(torch.tensor(rows)), k, keep_hidden=full)) for t, rows in groups.values()]
+    return merge_supports(parts, lengths)
+
+
+def task_problems(task_cfg, n_eval: int) -> tuple[list[Problem], list[Problem]]:
+    """A task's (train, held-out) problems, at most ``n_eval`` (``eval.n_problems``) held out for evaluation: an
+    environment's instance numbers, or the task's data."""
+    if task_cfg.name == "env":  # instance numbers: the first task.n_eval held out
+        train, held = env_instances(task_cfg, env_factory(task_cfg.env.name, dict(task_cfg.env.args)))
+    else:
+        train, held = load_problems(task_cfg)
+    return train, held[:n_eval]
+
+
+def task_metrics(metrics: dict[str, float], name: str, names: list[str]) -> dict[str, float]:
+    """A multitask step's metrics again as ``task/<name>/<metric>`` (its task's), and each task's share of the
+    step (``data/task_<name>``: 1 for the step's task under ``multitask.mode=alternate``)."""
+    own = {f"task/{name}/{k}": v for k, v in metrics.items() if not k.startswith(("time/", "data/"))}
+    return own | {f"data/task_{n}": float(n == name) for n in names}
 
 
 def episode_returns(episodes: list[Episode]) -> torch.Tensor:
@@ -309,18 +342,25 @@ def train(cfg, run_dir: Path) -> dict:
     # a job SLURM requeued (preemption, or a time limit with hydra.launcher.max_num_timeout) resumes by itself
     resume = cfg.trainer.resume or int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
     start_run(cfg, run_dir, resume)
-    if cfg.task.name == "env":  # instance numbers: the first task.n_eval held out
-        train_problems, eval_problems = env_instances(cfg.task, env_factory(cfg.task.env.name, dict(cfg.task.env.args)))
-    else:
-        train_problems, eval_problems = load_problems(cfg.task)
-    eval_problems = eval_problems[: cfg.eval.n_problems]
+    config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
+    names, more, evals = [], [], {}
+    if cfg.multitask.tasks:  # the first task runs as `task` (with its teacher); the others ride along
+        entries = task_entries(cfg)
+        names = [name for name, _ in entries]
+        for name, tcfg in entries[1:]:
+            train, evals[name] = task_problems(tcfg, cfg.eval.n_problems)
+            more.append((name, tcfg, task_teacher(cfg, name), train, evals[name]))
+        cfg = with_task(cfg, entries[0][1], task_teacher(cfg, names[0]))
+    train_problems, eval_problems = task_problems(cfg.task, cfg.eval.n_problems)
+    if names:
+        evals[names[0]] = eval_problems
     if rank.main:
         remove_stale_saves(run_dir)  # saves a killed process never committed
     barrier()
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         log.warning("trainer.resume=true but %s has no checkpoint: starting from scratch", run_dir)
-    p = build(cfg, rank, device, ckpt, train_problems, eval_problems)
+    p = build(cfg, rank, device, ckpt, train_problems, eval_problems, more, names[0] if names else "")
     state: dict = {}
     if ckpt is not None:
         state = p.trainer.load(ckpt)
@@ -328,7 +368,6 @@ def train(cfg, run_dir: Path) -> dict:
     start = state.get("step", 0)
     if start > cfg.trainer.max_steps:
         raise UserError(f"trainer.max_steps: the run is already at step {start}; give trainer.max_steps >= {start}")
-    config_dict = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else {}
     logger = MetricsLogger(run_dir, cfg.logger, config_dict, start if ckpt else None) if rank.main else NullLogger()
     seed = eval_seed(cfg.trainer.seed)
     samples = None
@@ -337,13 +376,21 @@ def train(cfg, run_dir: Path) -> dict:
         samples = SampleLog.of_run(cfg.logger, logger, p, every, cfg.task)
 
     def evaluated(
-        engine, problems, prompts, checker, step: int, phase: str, by_teacher: bool = False, patterns=None
+        engine,
+        problems,
+        prompts,
+        checker,
+        step: int,
+        phase: str,
+        by_teacher: bool = False,
+        patterns=None,
+        episodes: EpisodeRunner | None = None,
     ) -> tuple[float, dict[str, float]]:
         """avg@k of ``engine`` (progress labelled ``phase``) and its ``patterns``' match rates (``eval.patterns``);
-        a few of its responses to samples.jsonl."""
+        a few of its responses to samples.jsonl. With ``episodes``: the environment's success rate."""
         desc = EVAL_LABELS.get(phase, phase)
-        if p.episodes is not None and problems is eval_problems:  # an environment's success rate
-            acc, texts = p.episodes.evaluate(engine, problems, cfg.eval, seed, desc)
+        if episodes is not None:
+            acc, texts = episodes.evaluate(engine, problems, cfg.eval, seed, desc)
             return acc, pattern_rates(texts, patterns or {})
         engine = engine if samples is None else Recording(engine)
         acc, rates = evaluate_patterns(engine, problems, prompts, checker, cfg.eval, seed, desc, patterns)
@@ -353,7 +400,24 @@ def train(cfg, run_dir: Path) -> dict:
         return acc, rates
 
     def evaluate_student(step: int) -> tuple[float, dict[str, float]]:
-        return evaluated(p.rollout, eval_problems, p.eval_prompts, p.checker, step, "eval", patterns=cfg.eval.patterns)
+        return evaluated(
+            p.rollout, eval_problems, p.eval_prompts, p.checker, step, "eval", patterns=cfg.eval.patterns,
+            episodes=p.episodes,
+        )  # fmt: skip
+
+    def evaluate_tasks(step: int, first: float | None, teacher: bool = False) -> dict[str, float]:
+        """Each multitask task's accuracy (or success rate): the student's, or before training its teacher's; the
+        first task's is ``first`` (``eval/acc``, ``eval/acc_teacher``)."""
+        out = {} if first is None or not names else {names[0]: first}
+        for name, tp in list(p.tasks.items())[1:]:
+            engine = tp.teacher_sampler if teacher else p.rollout
+            if engine is None or (tp.episodes is not None and not hasattr(engine, "generate_ids")):
+                continue
+            phase = f"eval/{name}" + ("_teacher" if teacher else "")
+            out[name] = evaluated(
+                engine, evals[name], tp.eval_prompts, tp.checker, step, phase, teacher, None, tp.episodes
+            )[0]
+        return out
 
     def stop_here(step: int, saved: bool) -> None:
         """A stop request: save this step (unless just saved) and end with ``Stopped``."""
@@ -379,13 +443,19 @@ def train(cfg, run_dir: Path) -> dict:
                     "eval_teacher",
                     by_teacher=True,
                     patterns=cfg.eval.patterns,
+                    episodes=p.episodes,
                 )
             state["acc_before"], state["patterns_before"] = evaluate_student(0)
+            has_teacher = p.teacher is not None
+            state["tasks_teacher"] = evaluate_tasks(0, state["acc_teacher"], teacher=True) if has_teacher else {}
+            state["tasks_before"] = evaluate_tasks(0, state["acc_before"])
             at_start = {
                 "eval/acc": state["acc_before"],
                 "eval/acc_teacher": state["acc_teacher"],
                 **pattern_metrics(state["patterns_before"]),
                 **pattern_metrics(state["patterns_teacher"], "_teacher"),
+                **{f"eval/{name}/acc": acc for name, acc in state["tasks_before"].items()},
+                **{f"eval/{name}/acc_teacher": acc for name, acc in state["tasks_teacher"].items()},
             }
             logger.log(0, {k: v for k, v in at_start.items() if v is not None})
             if stop.requested():  # during the evaluation: step 0 keeps its results, a resume starts training
@@ -394,18 +464,28 @@ def train(cfg, run_dir: Path) -> dict:
         acc = state.get("acc_last", state["acc_before"])
         steps = range(start + 1, cfg.trainer.max_steps + 1)
         desc = "OPD" if p.teacher is not None else "SFT"
+        alternation = Alternation(task_weights(cfg)) if names and cfg.multitask.mode == "alternate" else None
         with Progress(cfg.trainer.max_steps, desc, unit="steps", initial=start) as bar:
             for step in steps:
-                drawn, mixed = step_prompts(p.train_prompts, cfg.trainer.prompts_per_step, step, cfg.trainer.seed), {}
+                tp, name, k = p, None, step
+                if alternation is not None:  # multitask: this step's task, and its own count of steps
+                    i, k = alternation.task(step)
+                    name = names[i]
+                    tp = p.tasks[name]
+                drawn, mixed = step_prompts(tp.train_prompts, cfg.trainer.prompts_per_step, k, cfg.trainer.seed), {}
                 if p.mix is not None:  # task.mix: the step's prompts from several sources, and their shares
                     drawn, counts = p.mix.step(step)
                     mixed = p.mix.metrics(counts)
-                metrics = opd_step(step, shard(drawn, rank), p, cfg, rank, samples) | mixed
+                metrics = opd_step(step, shard(drawn, rank), tp, cfg, rank, samples) | mixed
+                if name is not None:
+                    metrics |= task_metrics(metrics, name, names)
                 last = step == cfg.trainer.max_steps
                 if last or (cfg.eval.every and step % cfg.eval.every == 0):
                     acc, state["patterns_last"] = evaluate_student(step)
                     metrics["eval/acc"] = state["acc_last"] = acc
                     metrics.update(pattern_metrics(state["patterns_last"]))
+                    state["tasks_last"] = evaluate_tasks(step, acc)
+                    metrics.update({f"eval/{name}/acc": acc for name, acc in state["tasks_last"].items()})
                     for name, b in p.benchmarks.items():
                         metrics[f"eval/{name}/acc"] = evaluated(
                             p.rollout, b.problems, b.prompts, b.checker, step, f"eval/{name}"
@@ -433,6 +513,10 @@ def train(cfg, run_dir: Path) -> dict:
                 state.get("patterns_teacher", {}),
             ),
         }
+        for name, before in state.get("tasks_before", {}).items():
+            summary[f"{name}/acc_before"] = before
+            summary[f"{name}/acc_after"] = state.get("tasks_last", {}).get(name, before)
+            summary[f"{name}/acc_teacher"] = state.get("tasks_teacher", {}).get(name)
         if rank.main:
             _write_json(run_dir / "summary.json", summary)
         logger.summary(summary)
