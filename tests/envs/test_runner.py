@@ -122,3 +122,16 @@ def test_outcome_scores_of_episodes_are_their_returns():
 
     eps = [Episode(0, 0, "", [Turn("a", "o", 1.0, 1)], True), Episode(0, 1, "", [Turn("a", "o", 0.0, 1)])]
     assert torch.equal(episode_returns(eps), torch.tensor([1.0, 0.0]))
+
+
+def test_a_context_past_the_models_positions_is_one_line_for_vllm(tiny_model, monkeypatch):
+    from opd_cli.training.build import check_positions
+
+    limit = tiny_model.config.max_position_embeddings
+    monkeypatch.delenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", raising=False)
+    with pytest.raises(UserError, match=rf"^rollout\.max_new_tokens: .* make {limit + 1} tokens, more than .* {limit}"):
+        check_positions(tiny_model, limit + 1, 100, "vllm")
+    check_positions(tiny_model, limit, 100, "vllm")
+    check_positions(tiny_model, limit + 1, 100, "hf")  # HF samples on (RoPE has no learned positions)
+    monkeypatch.setenv("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    check_positions(tiny_model, limit + 1, 100, "vllm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from opd_cli.config.validate import COMPUTE_DTYPE, PARAM_DTYPE, student_precisio
 from opd_cli.contracts import RolloutEngine, Sampler, TeacherBackend, Trainer
 from opd_cli.dist import Rank, barrier
 from opd_cli.envs.runner import EpisodeRunner
+from opd_cli.errors import UserError
 from opd_cli.models.checks import check_model
 from opd_cli.models.loading import check_same_vocabulary, lm_head_weight, load_model, load_tokenizer, resolve_path
 from opd_cli.models.student import ADAPTER_DIR, add_lora, enable_checkpointing
@@ -133,6 +135,18 @@ def load_teacher(cfg, tc, rank: Rank, device, s_tok, s_rows: int, max_len: int):
     return teacher, sampler
 
 
+def check_positions(model, max_len: int, longest: int, engine: str) -> None:
+    """vLLM refuses a context longer than the model's positions: say so in one line (HF sampling goes on; RoPE
+    has no learned positions). ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` lets vLLM go on too."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if engine == "vllm" and limit and max_len > limit and os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") != "1":
+        raise UserError(
+            f"rollout.max_new_tokens: the longest prompt ({longest} tokens) and the longest response "
+            f"(max of rollout.max_new_tokens, eval.max_new_tokens) make {max_len} tokens, more than the student's "
+            f"{int(limit)} positions (max_position_embeddings); shorten them, or set VLLM_ALLOW_LONG_MAX_MODEL_LEN=1"
+        )
+
+
 def build(
     cfg,
     rank: Rank,
@@ -199,6 +213,7 @@ def build(
     more = {name: task_data(tc, cfg, tr, ev, s_tok) for name, tc, _, tr, ev in more_tasks}
     longest = max([longest] + [d.longest for d in more.values()])
     max_len = longest + max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    check_positions(student, max_len, longest, cfg.rollout.engine)
     teacher = teacher_sampler = None
     if uses_teacher and not live:
         teacher, teacher_sampler, t_rows = make_teacher(cfg, t_path, t_tok, device, max_len)
