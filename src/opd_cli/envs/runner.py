@@ -136,10 +136,15 @@ class EpisodeRunner:
         rows = [int(i) for i in instances for _ in range(n)]
         envs = [self.make_env() for _ in rows]
         budget = Budget(self.max_turns, max_tokens, self.turn_tokens)
-        batch, episodes = run_episodes(
-            sampler, self.tokenizer, envs, [(self.seed, i) for i in rows], self.fmt, budget, temperature, top_p,
-            seed, self.stop,
-        )  # fmt: skip
+        try:
+            batch, episodes = run_episodes(
+                sampler, self.tokenizer, envs, [(self.seed, i) for i in rows], self.fmt, budget, temperature, top_p,
+                seed, self.stop,
+            )  # fmt: skip
+        finally:  # a game's interpreter (TextWorld, ALFWorld) is freed at once, not when collected
+            for env in envs:
+                if callable(close := getattr(env, "close", None)):
+                    close()
         batch.prompt_index = torch.arange(len(instances)).repeat_interleave(n)
         P = batch.prompt_len
         prompts = [
