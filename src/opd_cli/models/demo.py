@@ -14,6 +14,18 @@ teacher is the model itself under a prompt the student does not see:
 - ``demo:hint`` uses the answer when its question carries it (``demo.hint_question``) and
   cannot add otherwise: trained like the student (random column sums), every problem once
   plain and once with the answer in the question and the correct solution.
+
+Two more play the built-in environment (``opd_cli.envs.demo``, reach a target number), trained
+on whole episodes rendered as a rollout renders them (``opd_cli.envs.rollout``), the loss on
+the action tokens only:
+
+- ``demo:env_teacher`` on the expert's episodes of the training instances: it plays well.
+- ``demo:env_student`` is one student for the arith task and the environment at once: the demo
+  student's arith data (random column sums) and episodes whose actions step the right way by a
+  random digit: it writes both formats but neither adds nor plays well.
+
+They belong to the ``arith`` preset's demo (its tokenizer, whatever task a run names), so one
+student and the teachers of both tasks share a vocabulary.
 """
 
 from __future__ import annotations
@@ -25,13 +37,17 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from opd_cli.dist import save_pretrained
-from opd_cli.models.sft import sft
-from opd_cli.tasks.problems import Problem, arith_problems, arith_solution, arith_solution_tens_first
+from opd_cli.envs.demo import DISTANCE, OBSERVATION, ReachTarget, expert_action, observation
+from opd_cli.envs.rollout import PlainFormat, Transcript
+from opd_cli.models.sft import pair_examples, sft_examples
+from opd_cli.tasks.problems import Problem, arith_problems, arith_solution, arith_solution_tens_first, task_config
 from opd_cli.tasks.prompts import format_prompt
 
 log = logging.getLogger(__name__)
@@ -47,8 +63,19 @@ SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
 TEACHER_STYLES = ("columns", "tens_first")
 
 
+# the demo roles of the built-in environment (task.env.name=demo)
+ENV_ROLES = ("env_teacher", "env_student")
+
+
 # the demo roles a model path may name (demo:<role>)
-DEMO_ROLES = ("student", "teacher", "rule", "hint")
+DEMO_ROLES = ("student", "teacher", "rule", "hint", *ENV_ROLES)
+
+
+# SFT steps of the environment roles where a config predates demo.env_teacher_steps / env_student_steps
+ENV_STEPS = {"env_teacher": 600, "env_student": 400}
+
+
+_ENV_RECIPE = 2  # bump when the environment roles' data changes (their names carry it, see env_tag)
 
 
 _BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
@@ -120,7 +147,10 @@ def demo_dir(models_dir: str, demo_cfg, task_cfg) -> Path:
 
 
 def role_steps(demo_cfg, role: str) -> int:
-    """SFT steps of a demo role: the student's for the models that cannot add (student, hint), the teacher's else."""
+    """SFT steps of a demo role: the student's for the models that cannot add (student, hint), the teacher's for
+    teacher and rule, ``demo.env_<role>_steps`` for the environment roles."""
+    if role in ENV_ROLES:
+        return getattr(demo_cfg, f"{role}_steps", None) or ENV_STEPS[role]
     return demo_cfg.student_steps if role in ("student", "hint") else demo_cfg.teacher_steps
 
 
@@ -135,9 +165,13 @@ def demo_model_dir(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
     A teacher of another ``demo.teacher_style`` than "columns" has the style in its
     name (``teacher-tens_first-800``); the default teacher keeps ``teacher-<steps>``.
     ``rule`` and ``hint`` carry a hash of their prompt text (``demo.rule_system``,
-    ``demo.hint_question``): ``rule-<hash>-800``, ``hint-<hash>-300``.
+    ``demo.hint_question``): ``rule-<hash>-800``, ``hint-<hash>-300``. The environment roles
+    live in the ``arith`` preset's directory (``arith_task``) under a hash of what their
+    episodes depend on (``EnvEpisodes``): ``env_teacher-<hash>-600``.
     """
     steps = role_steps(demo_cfg, role)
+    if role in ENV_ROLES:
+        return demo_dir(models_dir, demo_cfg, arith_task()) / f"{role}-{env_tag(env_episodes_of(task_cfg))}-{steps}"
     if role == "rule":
         return demo_dir(models_dir, demo_cfg, task_cfg) / f"rule-{_text_tag(demo_cfg.rule_system)}-{steps}"
     if role == "hint":
@@ -217,6 +251,126 @@ def role_pairs(task_cfg, demo_cfg, role: str) -> list[tuple[str, str]]:
     return sft_pairs(task_cfg, wrong_sums=role == "student", style=style)
 
 
+def arith_task():
+    """The ``arith`` preset's task config (conf/task/arith.yaml): the environment roles' demo and the arith
+    data of ``demo:env_student``, whatever task a run names."""
+    return task_config("arith", None, "task.name", "task.path")
+
+
+@dataclass(frozen=True)
+class EnvEpisodes:
+    """What the environment roles' episodes depend on: the instances (``task.seed``; the first ``task.n_eval``
+    are held out) and how a rollout renders them (``task.env.cue`` after each observation, a turn ending in the
+    first of ``task.env.stop``, or in EOS where there is none)."""
+
+    seed: int
+    n_eval: int
+    cue: str = "\nAction:"
+    stop: str | None = "\n"
+
+
+def env_episodes_of(task_cfg) -> EnvEpisodes:
+    """The ``EnvEpisodes`` of a task config (a config without ``task.env`` renders as the defaults)."""
+    env = getattr(task_cfg, "env", None)
+    if env is None:
+        return EnvEpisodes(task_cfg.seed, task_cfg.n_eval)
+    return EnvEpisodes(task_cfg.seed, task_cfg.n_eval, env.cue, env.stop[0] if len(env.stop) else None)
+
+
+def env_tag(episodes: EnvEpisodes) -> str:
+    """A short hash naming the environment roles trained on ``episodes`` (and the recipe's version)."""
+    return _text_tag(json.dumps({**asdict(episodes), "recipe": _ENV_RECIPE}, sort_keys=True))
+
+
+Policy = Callable[[str], str]  # an observation -> the action to take ("add 9")
+
+
+def play(
+    env: ReachTarget, first: str, policy: Policy, max_turns: int | None = None
+) -> tuple[str, list[tuple[str, str, bool]]]:
+    """The rest of an episode of ``env`` (just reset, or set to a start: ``first``, its observation) under
+    ``policy`` until the environment says done (its own turn limit at the latest) or after ``max_turns``: the
+    first observation, and each turn's (action, the observation it got, done)."""
+    obs, turns, done = first, [], False
+    while not done and len(turns) < (max_turns or env.max_turns):
+        action = policy(obs)
+        res = env.step(action)
+        obs, done = res.observation, res.done
+        turns.append((action, obs, done))
+    return first, turns
+
+
+EXPERT_TURNS = -(-DISTANCE[1] // 9)  # the most turns the expert takes on an instance
+
+
+def close_starts() -> list[tuple[int, int]]:
+    """Every (number, target) of two-digit numbers 1-9 apart: the last step of an episode, as a start. No
+    instance starts there (instances start 10-36 away), so these hold no held-out instance."""
+    return [(a, b) for a in range(10, 100) for b in range(10, 100) if 1 <= abs(a - b) < DISTANCE[0]]
+
+
+def start_at(number: int, target: int) -> tuple[ReachTarget, str]:
+    """A fresh ``ReachTarget`` set to start at ``number`` with ``target``, and its first observation."""
+    env = ReachTarget()
+    env.number, env.target = number, target
+    return env, observation(number, target)
+
+
+def episode_transcript(tokenizer, episodes: EnvEpisodes, first: str, turns: list[tuple[str, str, bool]]) -> Transcript:
+    """An episode's tokens as ``run_episodes`` builds them when the student writes these actions: the prompt
+    ``fmt.first(first)``, then each action " add 9" and its stop string (action tokens), then, unless the
+    episode ended there, ``fmt.after(observation)``; each piece tokenized on its own."""
+    fmt = PlainFormat(cue=episodes.cue)
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    out = Transcript(encode(fmt.first(first)), entropy=None)
+    for action, obs, done in turns:
+        ids = encode(" " + action + (episodes.stop or ""))
+        ids += [] if episodes.stop else [tokenizer.eos_token_id]
+        out.add_action(ids, [0.0] * len(ids), None)
+        if not done:
+            out.add_observation(encode(fmt.after(obs)))
+    return out
+
+
+def wandering_policy(rng: random.Random) -> Policy:
+    """``demo:env_student``'s play: a step towards the target by a random digit 1-9 (the right format and
+    direction; it overshoots or falls short, so it rarely lands on the target in the turns it has)."""
+
+    def act(obs: str) -> str:
+        m = OBSERVATION.search(obs)
+        return f"{'add' if int(m.group(2)) > int(m.group(1)) else 'sub'} {rng.randint(1, 9)}"
+
+    return act
+
+
+def env_examples(tokenizer, episodes: EnvEpisodes, expert: bool) -> list[tuple[list[int], list[bool]]]:
+    """SFT examples (token ids, loss on the action tokens) of one episode per training instance (those from
+    ``n_eval`` on) and one from each of the ``close_starts`` (the last step, which needs the exact gap, again
+    on its own): the expert's (``expert_action``) or ``wandering_policy``'s, cut after the expert's most turns
+    (``EXPERT_TURNS``: the wanderer learns its format and direction from them as well, in fewer tokens)."""
+    policy = expert_action if expert else wandering_policy(random.Random(episodes.seed + 1))
+    starts = []
+    for i in range(episodes.n_eval, ReachTarget().num_instances(episodes.seed)):
+        env = ReachTarget()
+        starts.append((env, env.reset(episodes.seed, i)))
+    starts += [start_at(a, b) for a, b in close_starts()]
+    out = []
+    for env, first in starts:
+        t = episode_transcript(tokenizer, episodes, *play(env, first, policy, EXPERT_TURNS))
+        out.append((t.prompt + t.tokens, [False] * len(t.prompt) + t.action))
+    return out
+
+
+def role_examples(tokenizer, task_cfg, demo_cfg, role: str) -> list[tuple[list[int], list[bool]]]:
+    """The SFT examples (token ids, loss mask) that make the demo ``role``."""
+    if role == "env_teacher":
+        return env_examples(tokenizer, env_episodes_of(task_cfg), expert=True)
+    if role == "env_student":
+        arith = pair_examples(tokenizer, sft_pairs(arith_task(), wrong_sums=True))
+        return arith + env_examples(tokenizer, env_episodes_of(task_cfg), expert=False)
+    return pair_examples(tokenizer, role_pairs(task_cfg, demo_cfg, role))
+
+
 def _atomic_build(target: Path, build) -> None:
     """Run ``build(tmp_dir)`` and rename the result into ``target``.
 
@@ -240,11 +394,12 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
     """The demo ``role`` model's directory, building the tokenizer and model on first use."""
     from transformers import AutoTokenizer
 
-    root = demo_dir(models_dir, demo_cfg, task_cfg)
+    base = arith_task() if role in ENV_ROLES else task_cfg  # whose demo (tokenizer) the role belongs to
+    root = demo_dir(models_dir, demo_cfg, base)
     target = demo_model_dir(models_dir, demo_cfg, task_cfg, role)
     if (target / "config.json").exists():
         return target
-    pairs = sft_pairs(task_cfg)
+    pairs = sft_pairs(base)
     if not (root / "tokenizer" / "tokenizer.json").exists():
         log.info("building the demo tokenizer into %s (first use only)", root)
         _atomic_build(
@@ -257,10 +412,10 @@ def ensure_demo_model(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
 
     def build(tmp: Path) -> None:
         model = build_model(tokenizer, demo_cfg)
-        sft(
+        sft_examples(
             model,
             tokenizer,
-            role_pairs(task_cfg, demo_cfg, role),
+            role_examples(tokenizer, task_cfg, demo_cfg, role),
             steps=steps,
             batch_size=demo_cfg.batch_size,
             lr=demo_cfg.lr,

@@ -1,7 +1,9 @@
 """Supervised fine-tuning on (prompt, response) text pairs.
 
 One code path for building the demo models and, later, for the off-policy cold
-start recipe (SFT on teacher rollouts). The loss covers response tokens only.
+start recipe (SFT on teacher rollouts). The loss covers response tokens only: a
+pair's response (and the EOS after it), or the tokens an example's mask marks (the
+actions of a multi-turn episode, whose observations are context only).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     return out
 
 
+def pair_examples(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[bool]]]:
+    """``encode_pairs`` as masked examples: (token ids, which tokens get a loss: the response and EOS)."""
+    return [(ids, [False] * n + [True] * (len(ids) - n)) for ids, n in encode_pairs(tokenizer, pairs)]
+
+
 def sft(
     model: torch.nn.Module,
     tokenizer,
@@ -43,7 +50,23 @@ def sft(
 
     Returns the per-step loss (mean cross-entropy over response tokens).
     """
-    data = encode_pairs(tokenizer, pairs)
+    return sft_examples(model, tokenizer, pair_examples(tokenizer, pairs), steps, batch_size, lr, seed, desc)
+
+
+def sft_examples(
+    model: torch.nn.Module,
+    tokenizer,
+    data: Sequence[tuple[list[int], list[bool]]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str = "SFT",
+) -> list[float]:
+    """``sft`` on token-level examples: (token ids, mask), the loss on the tokens whose mask is True.
+
+    Each step trains on ``batch_size`` examples drawn without replacement; returns the per-step loss.
+    """
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -64,9 +87,10 @@ def sft(
             input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
             labels = torch.full((len(batch), width), -100, dtype=torch.long)
             attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (ids, n_prompt) in enumerate(batch):
-                input_ids[i, : len(ids)] = torch.tensor(ids)
-                labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+            for i, (ids, mask) in enumerate(batch):
+                ids_t = torch.tensor(ids)
+                input_ids[i, : len(ids)] = ids_t
+                labels[i, : len(ids)] = ids_t.masked_fill(~torch.tensor(mask, dtype=torch.bool), -100)
                 attn[i, : len(ids)] = 1
             loss = model(input_ids=input_ids, attention_mask=attn, labels=labels).loss
             opt.zero_grad(set_to_none=True)
