@@ -3,6 +3,7 @@
     python scripts/bench_scale.py [--tokens 512,2048,8192 --ks 1,4,16,32,64 --k-tokens 512 --budget-gb 16]
     python scripts/bench_scale.py --vocab 512 --hidden 64 --layers 1 --tokens 64 ...   (a tiny shape)
     python scripts/bench_scale.py --device cuda ...   (on a GPU; peak GPU memory is recorded beside the RSS)
+    python scripts/bench_scale.py --hiddens 448,896,1792 --vocabs 32768,151936   (+ the shape sweeps)
 
 ``make bench`` (scripts/bench.py) runs the demo models, whose vocabulary is 400 tokens; this
 runs models with Qwen2.5-0.5B's vocabulary (151,936) and head shape (hidden 896, MLP 4864, 14
@@ -32,7 +33,13 @@ in "student". Each point runs in a fresh child process (``--warmup`` untimed ste
 child's resident set every 20 ms and stops it when it passes ``--budget-gb``: that point is
 recorded as "does not fit", and larger points of that engine are not run (recorded "does not
 fit" too, as predicted by the smaller one). Writes ``bench_scale.json``, ``bench_scale.md`` and
-PNG plots to ``--out``.
+PNG plots to ``--out`` (and each point as it completes to ``points.jsonl`` there).
+
+The tokens sweep also runs ``--nodiag-losses`` (topk_lsm) with ``logger.diagnostics_every=0``: the
+same step without the student's full-vocabulary diagnostics. The shape sweeps (opt-in) run topk_lsm
+and TRL at ``--shape-tokens`` for each hidden size of ``--hiddens`` (the MLP scaled with it, as
+``--intermediate 0`` does) and each vocabulary of ``--vocabs``, and fit each one's memory slope per
+token, to show which quantity the slope follows.
 """
 
 from __future__ import annotations
@@ -52,28 +59,38 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; respon
 DOES_NOT_FIT = "does not fit"
 
 
-def model_dir(args) -> Path:
-    return Path(args.out) / "models" / f"v{args.vocab}-h{args.hidden}-l{args.layers}"
+def shape(args, point: dict | None = None) -> tuple[int, int, int]:
+    """Vocabulary, hidden size and MLP width of a point (the flags' unless the point names its own)."""
+    point = point or {}
+    vocab, hidden = point.get("vocab") or args.vocab, point.get("hidden") or args.hidden
+    own = hidden == args.hidden and args.intermediate
+    return vocab, hidden, args.intermediate if own else 4864 * hidden // 896
 
 
-def make_models(args) -> Path:
+def model_dir(args, point: dict | None = None) -> Path:
+    vocab, hidden, inter = shape(args, point)
+    return Path(args.out) / "models" / f"v{vocab}-h{hidden}-i{inter}-l{args.layers}"
+
+
+def make_models(args, point: dict | None = None) -> Path:
     """Student and teacher (random Qwen2 weights) and their tokenizer under ``model_dir``; built once."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    out = model_dir(args)
+    out = model_dir(args, point)
     if (out / "teacher" / "config.json").exists():
         return out
-    vocab = {t: i for i, t in enumerate(SPECIAL)} | {f"t{i}": i for i in range(len(SPECIAL), args.vocab)}
+    n_vocab, hidden, inter = shape(args, point)
+    vocab = {t: i for i, t in enumerate(SPECIAL)} | {f"t{i}": i for i in range(len(SPECIAL), n_vocab)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[0], unk_token=SPECIAL[0]
     )
-    heads = args.hidden // 64
+    heads = hidden // 64
     config = Qwen2Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate or 4864 * args.hidden // 896,
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter,
         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=2 if heads % 2 == 0 else 1,
         max_position_embeddings=args.prompt_len + args.response_len, rope_theta=1e6, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
@@ -88,15 +105,15 @@ def make_models(args) -> Path:
     return out
 
 
-def fixed_ids(args, tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+def fixed_ids(args, tokens: int, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt and response ids of the fixed batch of ``tokens`` response tokens (random, never a special token)."""
     import torch
 
     length = min(args.response_len, tokens)
     rows = max(1, tokens // length)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(len(SPECIAL), args.vocab, (rows, args.prompt_len), generator=g)
-    responses = torch.randint(len(SPECIAL), args.vocab, (rows, length), generator=g)
+    prompts = torch.randint(len(SPECIAL), vocab, (rows, args.prompt_len), generator=g)
+    responses = torch.randint(len(SPECIAL), vocab, (rows, length), generator=g)
     return prompts.tolist(), responses.tolist()
 
 
@@ -126,8 +143,8 @@ class FixedRollout:
 
 def overrides(args, point: dict) -> list[str]:
     """The Hydra overrides of a point: the models, one micro-batch of all rows, the objective."""
-    models = model_dir(args)
-    prompts, responses = fixed_ids(args, point["tokens"])
+    models = model_dir(args, point)
+    prompts, responses = fixed_ids(args, point["tokens"], shape(args, point)[0])
     rows = len(responses)
     out = [
         f"model.name_or_path={models / 'student'}",
@@ -141,12 +158,12 @@ def overrides(args, point: dict) -> list[str]:
         f"rollout.max_new_tokens={len(responses[0])}",
     ]
     if point["engine"] == "opd":
-        out += [f"loss={point['loss']}", f"loss.k={point['k']}"]
+        out += [f"loss={point['loss']}", f"loss.k={point['k']}", f"logger.diagnostics_every={point['diag']}"]
     return out + args.overrides
 
 
 def worker(args, point: dict) -> dict:
-    fixed = fixed_ids(args, point["tokens"])
+    fixed = fixed_ids(args, point["tokens"], shape(args, point)[0])
     if point["engine"] == "opd":
         result = bench.opd_worker(args, overrides(args, point), rollout=FixedRollout(*fixed))
     else:
@@ -189,43 +206,58 @@ def run_point(args, point: dict) -> dict:
     return {**result, **point, "status": "ok", "wall_s": time.perf_counter() - t0}
 
 
+KEY = ("engine", "loss", "k", "diag", "tokens", "vocab", "hidden")  # what a point measures (not its sweep)
+
+
 def label(p: dict) -> str:
-    return "TRL DistillationTrainer (beta=1)" if p["engine"] == "trl" else f"opd-cli {p['loss']}"
+    if p["engine"] == "trl":
+        return "TRL DistillationTrainer (beta=1)"
+    return f"opd-cli {p['loss']}" + (", no diagnostics" if p.get("diag") == 0 else "")
 
 
 def sweep_points(args) -> list[dict]:
-    """The tokens sweep (every engine at every ``--tokens``), then the K sweep (topk_lsm at ``--k-tokens``)."""
-    points = [
-        {"sweep": "tokens", "engine": "opd", "loss": loss, "k": args.k, "tokens": t}
-        for t in args.tokens
-        for loss, most in args.losses
-        if most is None or t <= most
-    ]
-    points += (
-        []
-        if args.no_trl
-        else [{"sweep": "tokens", "engine": "trl", "loss": None, "k": None, "tokens": t} for t in args.tokens]
-    )
-    points += [{"sweep": "k", "engine": "opd", "loss": "topk_lsm", "k": k, "tokens": args.k_tokens} for k in args.ks]
+    """The tokens sweep (every engine at every ``--tokens``, and ``--nodiag-losses`` without diagnostics), the
+    K sweep (topk_lsm at ``--k-tokens``), and the shape sweeps (topk_lsm and TRL at ``--shape-tokens`` for each
+    of ``--hiddens`` and ``--vocabs``)."""
+
+    def opd(sweep, loss, tokens, k=args.k, diag=1, vocab=args.vocab, hidden=args.hidden):
+        return dict(sweep=sweep, engine="opd", loss=loss, k=k, diag=diag, tokens=tokens, vocab=vocab, hidden=hidden)
+
+    def trl(sweep, tokens, vocab=args.vocab, hidden=args.hidden):
+        return dict(sweep=sweep, engine="trl", loss=None, k=None, diag=None, tokens=tokens, vocab=vocab, hidden=hidden)
+
+    points = [opd("tokens", loss, t) for t in args.tokens for loss, most in args.losses if most is None or t <= most]
+    points += [opd("tokens", loss, t, diag=0) for t in args.tokens for loss in args.nodiag_losses]
+    points += [] if args.no_trl else [trl("tokens", t) for t in args.tokens]
+    points += [opd("k", "topk_lsm", args.k_tokens, k=k) for k in args.ks]
+    for sweep, values in (("hidden", args.hiddens), ("vocab", args.vocabs)):
+        for v, t in ((v, t) for v in values for t in args.shape_tokens):
+            points.append(opd(sweep, "topk_lsm", t, **{sweep: v}))
+            points += [] if args.no_trl else [trl(sweep, t, **{sweep: v})]
     return sorted(points, key=lambda p: p["tokens"])  # smallest first: a point that does not fit stops larger ones
 
 
 def measure(args) -> list[dict]:
     results: list[dict] = []
+    log = Path(args.out) / "points.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
     for point in sweep_points(args):
-        key = {k: point[k] for k in ("engine", "loss", "k", "tokens")}
-        same = next((r for r in results if all(r[k] == v for k, v in key.items())), None)
-        smaller = [r for r in results if r["engine"] == point["engine"] and r["loss"] == point["loss"]]
-        smaller = [r for r in smaller if r["k"] == point["k"] and r["tokens"] < point["tokens"]]
-        if same is not None:  # the K sweep's point at the tokens sweep's K
+        same = next((r for r in results if all(r[k] == point[k] for k in KEY)), None)
+        smaller = [r for r in results if all(r[k] == point[k] for k in KEY if k != "tokens")]
+        smaller = [r for r in smaller if r["tokens"] < point["tokens"]]
+        if same is not None:  # measured by another sweep (the K sweep's point at the tokens sweep's K, ...)
             results.append({**same, "sweep": point["sweep"]})
         elif any(r["status"] != "ok" for r in smaller):
             results.append({**point, "status": DOES_NOT_FIT, "predicted": True})
         else:
+            make_models(args, point)
             results.append(run_point(args, point))
         r = results[-1]
+        with log.open("a") as f:
+            f.write(json.dumps(r) + "\n")
         speed = f"{r['tokens_per_s']:,.0f} tokens/s, {r['peak_mem_gb']:.2f} GB" if r["status"] == "ok" else r["status"]
-        print(f"{label(r)} K={r['k']} tokens={r['tokens']}: {speed}", flush=True)
+        print(f"{label(r)} K={r['k']} V={r['vocab']} hidden={r['hidden']} tokens={r['tokens']}: {speed}", flush=True)
     return results
 
 
@@ -238,14 +270,33 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     return slope, my - slope * mx
 
 
+def token_slope(points: list[dict]) -> tuple[float, float] | None:
+    """Peak memory against tokens per step: bytes per token and the intercept in bytes."""
+    return fit_line([r["tokens"] for r in points], [r["peak_mem_gb"] * 2**30 for r in points])
+
+
+def shape_slopes(results: list[dict], sweep: str) -> dict:
+    """Per engine, the memory slope per token at each value of the swept quantity (``hidden`` or ``vocab``), that
+    slope per unit of the quantity, and the line of the slopes against the quantity (bytes per token per unit)."""
+    ok = [r for r in results if r["status"] == "ok" and r["sweep"] == sweep]
+    out: dict = {}
+    for name in dict.fromkeys(label(r) for r in ok):
+        per = {}
+        for v in sorted({r[sweep] for r in ok if label(r) == name}):
+            if (fit := token_slope([r for r in ok if label(r) == name and r[sweep] == v])) is not None:
+                per[v] = {"bytes_per_token": fit[0], "per_unit": fit[0] / v, "intercept_gb": fit[1] / 2**30}
+        across = fit_line(list(per), [f["bytes_per_token"] for f in per.values()])
+        out[name] = {"at": per, "marginal": None if across is None else {"slope": across[0], "at_zero": across[1]}}
+    return out
+
+
 def analyse(args, results: list[dict]) -> dict:
     """Fitted memory slopes, the longest fitting step per engine, and the ratios to TRL at ``--ratio-tokens``."""
     ok = [r for r in results if r["status"] == "ok"]
     engines = {label(r): r for r in results if r["sweep"] == "tokens"}
     out: dict = {"slopes": {}, "longest_fit": {}, "ratios": []}
     for name in engines:
-        pts = [r for r in ok if label(r) == name and r["sweep"] == "tokens"]
-        fit = fit_line([r["tokens"] for r in pts], [r["peak_mem_gb"] * 2**30 for r in pts])
+        fit = token_slope([r for r in ok if label(r) == name and r["sweep"] == "tokens"])
         runs = [r for r in results if label(r) == name and r["sweep"] == "tokens"]
         out["longest_fit"][name] = {
             "measured": max((r["tokens"] for r in runs if r["status"] == "ok"), default=0),
@@ -261,6 +312,9 @@ def analyse(args, results: list[dict]) -> dict:
             "bytes_per_token_per_k": fit[0] / args.k_tokens,
             "intercept_gb": fit[1] / 2**30,
         }
+    for sweep in ("hidden", "vocab"):
+        if any(r["sweep"] == sweep for r in results):
+            out[f"{sweep}_slopes"] = shape_slopes(results, sweep)
     at = [r for r in ok if r["sweep"] == "tokens" and r["tokens"] == args.ratio_tokens]
     trl = next((r for r in at if r["engine"] == "trl"), None)
     for r in at:
@@ -288,10 +342,12 @@ def markdown(report: dict) -> str:
         report["setting"],
         "",
     ]
-    out += ["| sweep | engine | K | tokens/step | tokens/s | step s | " + " | ".join(PHASES) + " | peak GB |"]
-    out.append("|---" * (len(PHASES) + 7) + "|")
+    out += [
+        "| sweep | engine | K | tokens/step | V | hidden | tokens/s | step s | " + " | ".join(PHASES) + " | peak GB |"
+    ]
+    out.append("|---" * (len(PHASES) + 9) + "|")
     for r in report["results"]:
-        head = f"| {r['sweep']} | {label(r)} | {r['k'] or ''} | {r['tokens']:,} |"
+        head = f"| {r['sweep']} | {label(r)} | {r['k'] or ''} | {r['tokens']:,} | {r['vocab']:,} | {r['hidden']} |"
         if r["status"] != "ok":
             why = "predicted by a smaller point" if r.get("predicted") else f"stopped at {r['rss_at_stop_gb']:.1f} GB"
             out.append(f"{head} {DOES_NOT_FIT} ({why}) |" + " |" * (len(PHASES) + 2))
@@ -318,6 +374,27 @@ def markdown(report: dict) -> str:
             else f"{s['bytes_per_k']:,.0f} bytes per K = {s['bytes_per_token_per_k']:,.1f} bytes per token per K"
         )
         out.append(f"- {name}: {per} (intercept {s['intercept_gb']:.2f} GB)")
+    for sweep, unit, size in (("hidden", "hidden unit", "hidden size"), ("vocab", "vocabulary entry", "vocabulary")):
+        if f"{sweep}_slopes" not in a:
+            continue
+        out += ["", f"Memory slope per token against the {size} ({sweep} sweep):", ""]
+        out += [
+            f"| engine | {sweep} | bytes per token | bytes per token per {unit} | intercept GB |",
+            "|---|---|---|---|---|",
+        ]
+        for name, e in a[f"{sweep}_slopes"].items():
+            for v, f in e["at"].items():
+                out.append(
+                    f"| {name} | {int(v):,} | {f['bytes_per_token']:,.0f} | {f['per_unit']:,.2f} | "
+                    f"{f['intercept_gb']:.2f} |"
+                )
+        for name, e in a[f"{sweep}_slopes"].items():
+            if e["marginal"] is not None:
+                m = e["marginal"]
+                out.append(
+                    f"- {name}: the slope grows by {m['slope']:,.2f} bytes per token per {unit} "
+                    f"({m['at_zero']:,.0f} bytes per token at {sweep} 0)"
+                )
     return "\n".join(out) + "\n"
 
 
@@ -352,11 +429,32 @@ def plots(report: dict, out: Path) -> list[str]:
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         names.append(name)
+    sweeps = [
+        (sw, x)
+        for sw, x in (("hidden", "hidden size"), ("vocab", "vocabulary"))
+        if f"{sw}_slopes" in report["analysis"]
+    ]
+    if sweeps:  # the memory slope per token against each swept quantity
+        fig, axes = plt.subplots(1, len(sweeps), figsize=(5.5 * len(sweeps), 4), squeeze=False)
+        for ax, (sweep, xlabel) in zip(axes[0], sweeps, strict=True):
+            for name, e in report["analysis"][f"{sweep}_slopes"].items():
+                xs = [int(v) for v in e["at"]]
+                ax.plot(xs, [f["bytes_per_token"] / 1e3 for f in e["at"].values()], "o-", label=name)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("peak-memory slope (kB per response token)")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("what the memory per token follows")
+        fig.tight_layout()
+        fig.savefig(out / "bench_scale_shape.png", dpi=110)
+        plt.close(fig)
+        names.append("bench_scale_shape.png")
     return names
 
 
 def parser() -> argparse.ArgumentParser:
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=896, help="a multiple of 64 (head size 64)")
@@ -372,6 +470,15 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--k", type=int, default=32, help="loss.k of the tokens sweep")
     ap.add_argument("--ks", type=ints, default=[1, 4, 16, 32, 64], help="K of the topk_lsm K sweep")
     ap.add_argument("--k-tokens", type=int, default=512, help="response tokens per step of the K sweep")
+    ap.add_argument(
+        "--nodiag-losses",
+        type=lambda s: [n for n in s.split(",") if n],
+        default="topk_lsm",
+        help="objectives of the tokens sweep run again with logger.diagnostics_every=0 ('' none)",
+    )
+    ap.add_argument("--hiddens", type=ints, default=[], help="hidden sizes of the hidden sweep (multiples of 64)")
+    ap.add_argument("--vocabs", type=ints, default=[], help="vocabulary sizes of the vocabulary sweep")
+    ap.add_argument("--shape-tokens", type=ints, default=[512, 2048], help="tokens per step of the shape sweeps")
     ap.add_argument("--ratio-tokens", type=int, default=8192, help="tokens per step of the ratios to TRL")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--response-len", type=int, default=1024, help="tokens per response (rows = tokens / this)")
@@ -393,7 +500,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args, json.loads(args.worker))))
         return
-    make_models(args)
     t0 = time.perf_counter()
     results = measure(args)
     report = {

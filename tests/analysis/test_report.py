@@ -286,6 +286,19 @@ def test_report_of_fake_runs(tmp_path):
     assert not (tmp_path / "report/grad_norm.png").exists()  # no run logged it: no empty plot
 
 
+def test_the_runs_table_shows_each_metrics_last_logged_value(tmp_path):
+    """logger.diagnostics_every=2 over 3 steps: the last step has the loss but no entropy; the table shows the loss
+    of step 3 and the entropy of step 2."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra/overrides.yaml").write_text("- logger.diagnostics_every=2\n")
+    rows = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5, "entropy": 0.25}, {"step": 3, "loss": 0.125}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path).read_text()
+    assert "| run | step | loss | grad_norm | entropy |" in text
+    assert "| 3 | 0.125 |  | 0.25 |" in text, text
+
+
 @pytest.mark.parametrize(
     ("metrics", "summary", "message"),
     [

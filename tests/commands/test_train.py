@@ -224,13 +224,19 @@ def test_hub_presets_fail_offline_with_one_line(args, pattern, tmp_path, tiny_mo
 def test_two_steps_write_samples_of_training_and_evaluation(tmp_path, models_dir):
     """samples.jsonl after a 2-step run (samples every step, every token kept): the responses of the
     evaluations (steps 0 and 2) and of each training step, as the student's tokenizer decodes their
-    tokens and with the checker's verdict; the same rows go to the offline W&B run's table."""
+    tokens and with the checker's verdict; the same rows go to the offline W&B run's table. The
+    diagnostics every second step: metrics.jsonl has them on step 2 only."""
     from transformers import AutoTokenizer
 
     from opd_cli.tasks.checking import make_checker
 
     run = tmp_path / "samples"
-    opd_train(run, models_dir, "trainer.max_steps=2", "logger.samples_every=1", "logger.samples_tokens=64")
+    args = ["trainer.max_steps=2", "logger.samples_every=1", "logger.samples_tokens=64", "logger.diagnostics_every=2"]
+    opd_train(run, models_dir, *args)
+    # logger.diagnostics_every=2: the student's diagnostics on step 2 only (the loss on both)
+    trained = {r["step"]: r for r in metrics(run) if "loss" in r}
+    assert "entropy" not in trained[1] and "logprob_gap" not in trained[1] and "loss" in trained[1]
+    assert "entropy" in trained[2] and "logprob_gap" in trained[2]
     rows = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     phases = [(0, "eval_teacher"), (0, "eval"), (1, "train"), (2, "train"), (2, "eval")]
     # logger.samples_per_step: 4 (4 prompts x rollout.n=2 per step: one response of each prompt)

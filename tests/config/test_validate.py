@@ -80,6 +80,7 @@ def test_an_unreachable_hub_is_refused_in_seconds(hub_down):
     "override,message",
     [
         ("loss.k=0", "loss.k: must be an integer >= 1, got 0"),
+        ("logger.diagnostics_every=-1", "logger.diagnostics_every: must be >= 0, got -1"),
         ("rollout.top_p=0", "rollout.top_p: must be in (0, 1], got 0.0"),
         ("rollout.top_p=1.5", "rollout.top_p: must be in (0, 1], got 1.5"),
         ("rollout.max_new_tokens=-3", "rollout.max_new_tokens: must be an integer >= 1, got -3"),

@@ -87,30 +87,68 @@ def test_bench_scale_runs_its_smallest_point_beside_trl_and_writes_the_tables_an
     out = tmp_path / "scale"
     bench_scale(out, "--tokens=64", "--ks=32", "--k-tokens=64", "--ratio-tokens=64")
     report = json.loads((out / "bench_scale.json").read_text())
-    got = [(r["sweep"], r["engine"], r["loss"], r["k"], r["tokens"], r["status"]) for r in report["results"]]
+    got = [(r["sweep"], r["engine"], r["loss"], r["k"], r["diag"], r["tokens"], r["status"]) for r in report["results"]]
     assert sorted(got) == [
-        ("k", "opd", "topk_lsm", 32, 64, "ok"),
-        ("tokens", "opd", "topk_lsm", 32, 64, "ok"),
-        ("tokens", "trl", None, None, 64, "ok"),
+        ("k", "opd", "topk_lsm", 32, 1, 64, "ok"),
+        ("tokens", "opd", "topk_lsm", 32, 0, 64, "ok"),  # --nodiag-losses: logger.diagnostics_every=0
+        ("tokens", "opd", "topk_lsm", 32, 1, 64, "ok"),
+        ("tokens", "trl", None, None, None, 64, "ok"),
     ]
     for r in report["results"]:
         # 2 rows of 32 fixed response tokens: both engines train on exactly these
         assert [s["tokens"] for s in r["steps"]] == [64], r["steps"]
         assert 0 < r["peak_mem_gb"] < 16 and r["tokens_per_s"] > 0
         assert r["phase_s"]["teacher"] > 0 and r["phase_s"]["student"] > 0 and r["phase_s"]["optimizer"] > 0
-    (ratio,) = report["analysis"]["ratios"]
-    assert ratio["engine"] == "opd-cli topk_lsm" and ratio["peak_mem_vs_trl"] > 0 and ratio["tokens_per_s_vs_trl"] > 0
+    ratios = report["analysis"]["ratios"]
+    assert sorted(x["engine"] for x in ratios) == ["opd-cli topk_lsm", "opd-cli topk_lsm, no diagnostics"]
+    assert all(x["peak_mem_vs_trl"] > 0 and x["tokens_per_s_vs_trl"] > 0 for x in ratios)
     md = (out / "bench_scale.md").read_text()
-    assert "| sweep | engine | K | tokens/step |" in md and "opd-cli topk_lsm / TRL" in md
+    assert "| sweep | engine | K | tokens/step |" in md and "opd-cli topk_lsm, no diagnostics / TRL" in md
     assert (out / "bench_scale_tokens.png").stat().st_size > 0 and (out / "bench_scale_k.png").stat().st_size > 0
 
 
 @pytest.mark.cli
 def test_bench_scale_records_a_point_over_the_memory_budget_as_not_fitting(tmp_path):
     out = tmp_path / "scale"
-    bench_scale(out, "--tokens=64,128", "--no-trl", "--ks=32", "--k-tokens=128", "--budget-gb=0.05")
+    bench_scale(out, "--tokens=64,128", "--no-trl", "--nodiag-losses=", "--ks=32", "--k-tokens=128", "--budget-gb=0.05")
     report = json.loads((out / "bench_scale.json").read_text())
     first, *rest = sorted(report["results"], key=lambda r: (r["tokens"], r["sweep"]))
     assert first["status"] == "does not fit" and first["rss_at_stop_gb"] > 0.05 and "predicted" not in first
     assert all(r["status"] == "does not fit" and r["predicted"] for r in rest), rest
     assert "does not fit (stopped at" in (out / "bench_scale.md").read_text()
+
+
+def bench_scale_module():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_scale
+
+    return bench_scale
+
+
+def test_the_shape_sweeps_run_topk_lsm_and_trl_at_each_size_and_fit_the_slope_per_token():
+    bs = bench_scale_module()
+    args = bs.parser().parse_args(
+        ["--tokens=", "--ks=", "--hiddens=448,896", "--vocabs=1024", "--shape-tokens=512,2048"]
+    )
+    points = bs.sweep_points(args)
+    got = {(p["sweep"], p["engine"], p["tokens"], p["vocab"], p["hidden"]) for p in points}
+    assert got == {
+        (sweep, engine, t, vocab, hidden)
+        for sweep, vocab, hidden in (("hidden", 151_936, 448), ("hidden", 151_936, 896), ("vocab", 1024, 896))
+        for engine in ("opd", "trl")
+        for t in (512, 2048)
+    }
+    assert len(points) == len(got) and [p["tokens"] for p in points] == sorted(p["tokens"] for p in points)
+    assert bs.shape(args, {"hidden": 448}) == (151_936, 448, 2432)  # the MLP scaled with the hidden size
+    # peak memory = 1 GiB + (1,000 bytes x hidden) per token: the slope per token at each size, then its growth
+    results = [
+        {**p, "status": "ok", "peak_mem_gb": (2**30 + 1000 * p["hidden"] * p["tokens"]) / 2**30}
+        for p in points
+        if p["sweep"] == "hidden"
+    ]
+    slopes = bs.shape_slopes(results, "hidden")["opd-cli topk_lsm"]
+    assert slopes["at"][448]["bytes_per_token"] == pytest.approx(448_000)
+    assert slopes["at"][896]["per_unit"] == pytest.approx(1000)
+    assert slopes["marginal"]["slope"] == pytest.approx(1000) and slopes["marginal"]["at_zero"] == pytest.approx(
+        0, abs=1e-3
+    )

@@ -613,7 +613,8 @@ def write_report(opts: Options | Path) -> Path:
         last = rows[-1] if rows else {}
         cells = (
             [name, fmt(last.get("step"))]
-            + [fmt(last.get(k)) for k in TABLE]
+            # a metric's last logged value (logger.diagnostics_every may leave it out of the last step)
+            + [fmt(next((r[k] for r in reversed(rows) if k in r), None)) for k in TABLE]
             + [fmt(run.summary.get(k)) for k in SUMMARY]
         )
         lines.append("| " + " | ".join(cells) + " |")

@@ -223,6 +223,8 @@ class LoggerConfig:
     samples_every: int = 10
     samples_per_step: int = 4
     samples_tokens: int = 0
+    # the student's full-vocabulary diagnostics every this many steps (1: every step; 0: never)
+    diagnostics_every: int = 1
 
 
 @dataclass

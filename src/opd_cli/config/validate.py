@@ -128,6 +128,7 @@ AT_LEAST_ZERO = [
     "task.n_eval",
     "logger.samples_every",
     "logger.samples_tokens",
+    "logger.diagnostics_every",
 ]
 
 

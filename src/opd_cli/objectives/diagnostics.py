@@ -9,6 +9,12 @@ from opd_cli.objectives.inputs import TokenInputs
 from opd_cli.objectives.math import entropy, full_logprobs
 
 
+def diagnostics_due(step: int, every: int) -> bool:
+    """Whether training step ``step`` (from 1) computes the student's diagnostics (``logger.diagnostics_every``:
+    every this many steps, 0 never). The step number alone decides, so every rank agrees."""
+    return every > 0 and step % every == 0
+
+
 def teacher_rank(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The teacher's rank of each sampled token: 1..K within its top-K ``ids``, K + 1 outside."""
     match = ids == target[:, None]

@@ -29,7 +29,7 @@ from opd_cli.envs.runner import EpisodeRunner, env_instances, episode_means, epi
 from opd_cli.errors import Stopped, UserError
 from opd_cli.objectives.advantages import aggregation_weights, group_advantage
 from opd_cli.objectives.base import Objective
-from opd_cli.objectives.diagnostics import MetricSums, repetition_counts
+from opd_cli.objectives.diagnostics import MetricSums, diagnostics_due, repetition_counts
 from opd_cli.objectives.inputs import TokenInputs, token_inputs
 from opd_cli.objectives.registry import teacher_k
 from opd_cli.progress import Progress
@@ -60,13 +60,15 @@ def update(
     cfg,
     world: int,
     clock: PhaseClock,
+    diagnostics: bool = True,
 ) -> tuple[float, MetricSums, list[float]]:
     """Forward, backward and one optimizer step per mini-batch of a rollout batch (this rank's share).
 
     Each mini-batch's loss aggregates its tokens as ``loss.agg`` says, over every rank's
     share of it (``aggregation_weights``; the divisors are summed across ranks), so neither
     micro-batching nor the number of ranks changes it. Returns the mean over the step's
-    optimizer steps of their losses, the diagnostics' sums and the gradient norms.
+    optimizer steps of their losses, the diagnostics' sums and the gradient norms. ``diagnostics``
+    False leaves out the student's full-vocabulary diagnostics (the loss and gradient are the same).
     """
     rows = batch.input_ids.shape[0]  # the same on every rank
     bounds = chunk_bounds(rows, math.ceil(rows / cfg.trainer.mini_batches))
@@ -88,7 +90,9 @@ def update(
             for m0, m1 in chunk_bounds(r1 - r0, cfg.trainer.micro_batch_size):
                 micro = batch.select(torch.arange(r0 + m0, r0 + m1))
                 xm = x.slice(offsets[r0 + m0], offsets[r0 + m1]).to(trainer.model.device)
-                loss_sum, msums = trainer.loss(micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens)
+                loss_sum, msums = trainer.loss(
+                    micro, xm, objective, cfg.loss.chunk_tokens, cfg.loss.gap_bucket_tokens, diagnostics
+                )
                 # the trainer averages gradients over ranks: scale by the world size to get the mini-batch's loss
                 trainer.backward(loss_sum * world)
                 loss += loss_sum.item()
@@ -159,7 +163,8 @@ def opd_step(
             scores = episode_returns(episodes) if episodes is not None else outcome_scores(batch, prompts, p)
         outcome = None if scores is None else lc.outcome_weight * group_advantage(scores, batch.prompt_index)
         x, offsets = token_inputs(batch, support, p.mask_ids, lc, outcome)
-    loss, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock)
+    diagnostics = diagnostics_due(step, cfg.logger.diagnostics_every)  # logger.diagnostics_every
+    loss, sums, norms = update(trainer, batch, x, offsets, p.objective, cfg, rank.world, clock, diagnostics)
     check_finite(step, loss, norms)
     with clock.phase("optimizer"):
         lr = trainer.end_step()

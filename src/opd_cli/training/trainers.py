@@ -3,7 +3,8 @@
 Both wrap the student in ``StudentLoss`` (hidden states -> objective, one module
 forward, so ZeRO-3 can gather the LM head the objective reads) and offer:
 
-- ``loss(micro, x, objective, chunk_tokens, bucket_tokens)`` -> (loss sum, diagnostics)
+- ``loss(micro, x, objective, chunk_tokens, bucket_tokens, diagnostics)`` -> (loss sum, diagnostics' sums;
+  without the student's full-vocabulary diagnostics where ``diagnostics`` is False)
 - ``backward(loss)``; ``optimizer_step()`` -> gradient norm before clipping
 - ``end_step()``: the LR schedule advances once per training step, not per optimizer step
 - ``save(run_dir, step, tokenizer, state)`` and ``load(ckpt)`` -> state
@@ -35,10 +36,10 @@ class StudentLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, micro, x, objective, chunk_tokens: int, bucket_tokens: int):
+    def forward(self, micro, x, objective, chunk_tokens: int, bucket_tokens: int, diagnostics: bool = True):
         hidden, _ = response_hidden(self.model, micro)
         weight = lm_head_weight(self.model)
-        return student_loss_and_metrics(hidden, weight, x, objective, chunk_tokens, bucket_tokens)
+        return student_loss_and_metrics(hidden, weight, x, objective, chunk_tokens, bucket_tokens, diagnostics)
 
 
 def optimizer_and_schedule(
