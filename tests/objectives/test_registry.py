@@ -12,7 +12,7 @@ from opd_cli.objectives.inputs import TokenInputs
 from opd_cli.objectives.math import gather_logits, log_renormalize, no_clip
 from opd_cli.objectives.student_pass import student_loss_and_metrics
 from opd_cli.rollout.registry import ROLLOUT_ENGINES
-from opd_cli.tasks.checking import CHECKERS
+from opd_cli.tasks.checking import CHECKERS, RG_CHECKER
 from opd_cli.teacher.registry import TEACHER_BACKENDS
 
 from ..conftest import compose_cfg
@@ -72,7 +72,7 @@ def test_a_new_family_is_one_module_and_one_registry_line(monkeypatch):
 @pytest.mark.parametrize(
     ("key", "registry_keys"),
     [("loss.objective", registry.OBJECTIVES), ("rollout.engine", ROLLOUT_ENGINES),
-     ("teacher.backend", TEACHER_BACKENDS), ("task.checker", CHECKERS)],
+     ("teacher.backend", TEACHER_BACKENDS), ("task.checker", [*CHECKERS, RG_CHECKER])],
 )  # fmt: skip
 def test_allowed_values_are_the_registries(key, registry_keys):
     cfg = compose_cfg([f"{key}=nope"]) if key != "task.checker" else compose_cfg(["task.checker=nope"])
