@@ -13,7 +13,7 @@ COLD_START_NAME ?= demo
 TEST_WORKERS ?= 2
 COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale cold-start opsd-rule opsd-answer
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale cold-start opsd-rule opsd-answer multitask-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ opsd-rule: $(STAMP) ## self-distillation on the demo: demo:rule learns to follow
 
 opsd-answer: $(STAMP) ## self-distillation on the demo: demo:hint taught by itself shown the answer (experiment=demo_opsd_answer)
 	$(VENV)/bin/opd-train experiment=demo_opsd_answer $(ARGS)
+
+multitask-demo: $(STAMP) ## one student on arithmetic and the demo game at once, a teacher each (experiment=demo_multitask)
+	$(VENV)/bin/opd-train experiment=demo_multitask $(ARGS)
 
 study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, plots, report.md (outputs/studies/variance)
 	$(VENV)/bin/opd-study variance $(ARGS)

@@ -61,3 +61,14 @@ def test_mixed_batches_draw_every_task_by_weight(tmp_path, models_dir):
     for r in rows[1:]:
         assert r["data/task_math"] + r["data/task_sums"] == pytest.approx(1.0) and r["grad_norm"] > 0
     assert {"eval/math/acc", "eval/sums/acc", "eval/sums/acc_teacher"} <= set(rows[0])
+
+
+def test_the_demo_multitask_experiment_runs(tmp_path, models_dir):
+    """experiment=demo_multitask (make multitask-demo) end to end, with short demo builds and 2 steps."""
+    opd_train(
+        tmp_path, models_dir, "experiment=demo_multitask", "demo.env_teacher_steps=10", "demo.env_student_steps=5",
+        "trainer.max_steps=2", "eval.every=0", "eval.n_problems=4", "logger=none",
+    )  # fmt: skip
+    rows = metrics(tmp_path)
+    assert [r["data/task_math"] for r in rows[1:]] == [1.0, 0.0] and "task/game/env/success" in rows[2]
+    assert {"eval/math/acc", "eval/game/acc", "eval/math/acc_teacher", "eval/game/acc_teacher"} <= set(rows[0])

@@ -26,6 +26,7 @@ TEACHER_HUB_OFFLINE = (
     r"^error: teacher\.name_or_path: cannot load 'Qwen/Qwen3-8B': it is not in the local Hugging Face cache"
 )
 PLAN = {
+    "make multitask-demo": ("covered", "tests/commands/test_multitask.py::test_the_demo_multitask_experiment_runs"),
     "opd-train task=env_demo rollout.max_new_tokens=128 eval.max_new_tokens=128": (
         "covered", "tests/commands/test_env_task.py::test_hf_episodes_train_and_log_per_episode_metrics"),
     "opd-train '+multitask.tasks.math={task: arith}' '+multitask.tasks.game={task: env_demo}' '+multitask.teachers.game=demo:student'": (
