@@ -237,7 +237,7 @@ class DemoConfig:
     student_steps: int = 300
     rule_system: str = "Add the tens first."
     hint_question: str = "{question} The answer is {answer}."
-    env_teacher_steps: int = 600
+    env_teacher_steps: int = 1000
     env_student_steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3

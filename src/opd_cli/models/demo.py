@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from opd_cli.dist import save_pretrained
-from opd_cli.envs.demo import DISTANCE, OBSERVATION, ReachTarget, expert_action, observation
+from opd_cli.envs.demo import DISTANCE, OBSERVATION, ReachTarget, expert_action
 from opd_cli.envs.rollout import PlainFormat, Transcript
 from opd_cli.models.sft import pair_examples, sft_examples
 from opd_cli.tasks.problems import Problem, arith_problems, arith_solution, arith_solution_tens_first, task_config
@@ -72,10 +72,10 @@ DEMO_ROLES = ("student", "teacher", "rule", "hint", *ENV_ROLES)
 
 
 # SFT steps of the environment roles where a config predates demo.env_teacher_steps / env_student_steps
-ENV_STEPS = {"env_teacher": 600, "env_student": 400}
+ENV_STEPS = {"env_teacher": 1000, "env_student": 400}
 
 
-_ENV_RECIPE = 2  # bump when the environment roles' data changes (their names carry it, see env_tag)
+_ENV_RECIPE = 3  # bump when the environment roles' data changes (their names carry it, see env_tag)
 
 
 _BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
@@ -167,7 +167,7 @@ def demo_model_dir(models_dir: str, demo_cfg, task_cfg, role: str) -> Path:
     ``rule`` and ``hint`` carry a hash of their prompt text (``demo.rule_system``,
     ``demo.hint_question``): ``rule-<hash>-800``, ``hint-<hash>-300``. The environment roles
     live in the ``arith`` preset's directory (``arith_task``) under a hash of what their
-    episodes depend on (``EnvEpisodes``): ``env_teacher-<hash>-600``.
+    episodes depend on (``EnvEpisodes``): ``env_teacher-<hash>-1000``.
     """
     steps = role_steps(demo_cfg, role)
     if role in ENV_ROLES:
@@ -288,7 +288,7 @@ Policy = Callable[[str], str]  # an observation -> the action to take ("add 9")
 def play(
     env: ReachTarget, first: str, policy: Policy, max_turns: int | None = None
 ) -> tuple[str, list[tuple[str, str, bool]]]:
-    """The rest of an episode of ``env`` (just reset, or set to a start: ``first``, its observation) under
+    """The rest of an episode of ``env`` (just reset: ``first`` is its first observation) under
     ``policy`` until the environment says done (its own turn limit at the latest) or after ``max_turns``: the
     first observation, and each turn's (action, the observation it got, done)."""
     obs, turns, done = first, [], False
@@ -301,19 +301,6 @@ def play(
 
 
 EXPERT_TURNS = -(-DISTANCE[1] // 9)  # the most turns the expert takes on an instance
-
-
-def close_starts() -> list[tuple[int, int]]:
-    """Every (number, target) of two-digit numbers 1-9 apart: the last step of an episode, as a start. No
-    instance starts there (instances start 10-36 away), so these hold no held-out instance."""
-    return [(a, b) for a in range(10, 100) for b in range(10, 100) if 1 <= abs(a - b) < DISTANCE[0]]
-
-
-def start_at(number: int, target: int) -> tuple[ReachTarget, str]:
-    """A fresh ``ReachTarget`` set to start at ``number`` with ``target``, and its first observation."""
-    env = ReachTarget()
-    env.number, env.target = number, target
-    return env, observation(number, target)
 
 
 def episode_transcript(tokenizer, episodes: EnvEpisodes, first: str, turns: list[tuple[str, str, bool]]) -> Transcript:
@@ -345,18 +332,16 @@ def wandering_policy(rng: random.Random) -> Policy:
 
 def env_examples(tokenizer, episodes: EnvEpisodes, expert: bool) -> list[tuple[list[int], list[bool]]]:
     """SFT examples (token ids, loss on the action tokens) of one episode per training instance (those from
-    ``n_eval`` on) and one from each of the ``close_starts`` (the last step, which needs the exact gap, again
-    on its own): the expert's (``expert_action``) or ``wandering_policy``'s, cut after the expert's most turns
-    (``EXPERT_TURNS``: the wanderer learns its format and direction from them as well, in fewer tokens)."""
+    ``n_eval`` on): the expert's (``expert_action``) or ``wandering_policy``'s, cut after the expert's most
+    turns (``EXPERT_TURNS``: the wanderer learns its format and direction from them as well, in fewer tokens).
+
+    Episodes from starts closer than any instance (the last, exact step on its own) made the teacher learn
+    that step more slowly, not faster: they are left out."""
     policy = expert_action if expert else wandering_policy(random.Random(episodes.seed + 1))
-    starts = []
+    out = []
     for i in range(episodes.n_eval, ReachTarget().num_instances(episodes.seed)):
         env = ReachTarget()
-        starts.append((env, env.reset(episodes.seed, i)))
-    starts += [start_at(a, b) for a, b in close_starts()]
-    out = []
-    for env, first in starts:
-        t = episode_transcript(tokenizer, episodes, *play(env, first, policy, EXPERT_TURNS))
+        t = episode_transcript(tokenizer, episodes, *play(env, env.reset(episodes.seed, i), policy, EXPERT_TURNS))
         out.append((t.prompt + t.tokens, [False] * len(t.prompt) + t.action))
     return out
 

@@ -23,12 +23,12 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     Prompt and response are tokenized separately, the way a rollout is built
     (the prompt's ids, then the ids the model generates).
     """
-    out = []
-    for prompt, response in pairs:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"]
-        out.append((p + r + [tokenizer.eos_token_id], len(p)))
-    return out
+    if not pairs:
+        return []
+    # one batched call per side: the same ids as one call per text, in a fraction of the time
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    responses = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    return [(p + r + [tokenizer.eos_token_id], len(p)) for p, r in zip(prompts, responses, strict=True)]
 
 
 def pair_examples(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[bool]]]:
