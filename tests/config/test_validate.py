@@ -22,7 +22,7 @@ from ..tasks.bad_data import BAD_FILES, GOOD_ROW, write
 CONF = REPO / "conf"
 GROUPS = ["model", "teacher", "loss", "rollout", "task", "trainer", "logger", "experiment"]
 
-from ..envs.conftest import alfworld_data  # noqa: F401, E402 - the fixture (ALFWorld's data folder)
+from ..envs.conftest import alfworld_data, textworld_games  # noqa: F401, E402 - fixtures: ALFWorld data, TextWorld games
 
 
 def presets(group):
@@ -53,8 +53,18 @@ def test_every_preset_composes_and_validates(group, preset, hub_answers, tmp_pat
         if group == "experiment":  # the authors' ALFWorld teacher is a checkpoint of theirs
             extra.append("multitask.teachers.alfworld=Qwen/Qwen2.5-7B-Instruct")
     cfg = compose_cfg([f"{group}={preset}", *extra])
+    if (group, preset) == ("task", "textworld"):  # the games are the user's: test_the_textworld_preset_validates
+        return
     if not cfg.model.name_or_path.startswith("demo:") or cfg.task.name in ("arith", "env"):
         validate(cfg)
+
+
+@pytest.mark.cli  # its fixture runs TextWorld's game compiler
+def test_the_textworld_preset_validates(request):
+    games = request.getfixturevalue("textworld_games")
+    validate(compose_cfg(["task=textworld", f"task.env.args.games={games}"]))
+    with pytest.raises(UserError, match=r"^task\.env\.args\.games: give a directory or a glob"):
+        validate(compose_cfg(["task=textworld"]))
 
 
 def test_real_world_presets(hub_answers):
