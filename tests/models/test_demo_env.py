@@ -168,8 +168,8 @@ def test_the_environment_roles_live_in_the_arith_presets_demo_named_by_their_epi
     assert len(tags | {env_tag(EnvEpisodes(0, 256, stop=None))}) == 4
 
 
-# the default demo:env_teacher's greedy success on 64 held-out instances is measured above this (docs/design.md)
-TEACHER_SUCCESS = 0.5
+# the default demo:env_teacher reached 0.98 greedy success on these 64 held-out instances (the student 0.06)
+TEACHER_SUCCESS = 0.9
 
 
 def play_held_out(model_dir, n: int = 64, top_p: float = 1.0):
