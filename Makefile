@@ -80,7 +80,7 @@ slurm-up: ## start a single-node SLURM cluster on this machine (root; for tests 
 	bash scripts/slurm_up.sh
 
 test: $(STAMP) ## the whole suite: unit, cli and integration tiers, on 2 workers (gpu tests skip without CUDA); one tier: ARGS="-m cli"
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 test-fast: $(STAMP) ## the unit tier: in-process tests only, no CLI or other process (under a minute)
 	$(PY) -m pytest -q -m unit $(ARGS)

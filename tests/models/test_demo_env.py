@@ -189,6 +189,7 @@ def play_held_out(model_dir, n: int = 64, top_p: float = 1.0):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the default recipe's two models: ~20 minutes of SFT on 2 cores (make test ARGS="-m slow")
 def test_the_env_teacher_plays_well_and_the_env_student_badly_in_both_formats(models_dir):
     """Built with the default demo recipe: the teacher reaches most held-out targets (greedy), the student few,
     every one of its actions valid; its arith answers are boxed and mostly wrong (the demo student's)."""
