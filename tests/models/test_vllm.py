@@ -309,7 +309,7 @@ def test_sleep_mode_asked_for_on_cpu_is_refused_in_one_line(tmp_path, models_dir
     assert "Traceback" not in out.stderr
 
 
-def test_vllm_plays_multi_turn_episodes_seeing_every_observation(llm, tiny_model, tiny_tokenizer):
+def test_vllm_plays_multi_turn_episodes_seeing_every_observation(saved_model, tiny_model, tiny_tokenizer):
     """One vLLM call per turn for every live episode (``EpisodeRunner`` over ``generate_ids``): the log-prob
     vLLM recorded at each action token is a plain forward's over the whole transcript before it."""
     from opd_cli.envs.demo import ReachTarget
@@ -317,7 +317,9 @@ def test_vllm_plays_multi_turn_episodes_seeing_every_observation(llm, tiny_model
     from opd_cli.envs.runner import EpisodeRunner
 
     runner = EpisodeRunner(ReachTarget, PlainFormat(), tiny_tokenizer, 0, 3, 6, ("\n",))
-    _, batch, episodes = runner.run(VLLMRollout(llm, tiny_tokenizer), [0, 1, 2], 2, 1.0, 1.0, 100, seed=1)
+    # its own engine: the module's shared one does not outlive the tests above that make and drop engines
+    engine = VLLMRollout(make_llm(saved_model, "float32", 256, 20, 0.3, seed=0, ranks=False), tiny_tokenizer)
+    _, batch, episodes = runner.run(engine, [0, 1, 2], 2, 1.0, 1.0, 100, seed=1)
     assert sum(len(e.turns) for e in episodes) > len(episodes)  # later turns were sampled after observations
     for row in range(batch.input_ids.shape[0]):
         real = batch.attention_mask[row].bool()

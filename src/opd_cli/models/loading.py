@@ -8,17 +8,21 @@ import torch
 
 from opd_cli.cpu_linear import use_onednn
 from opd_cli.errors import UserError
-from opd_cli.models.demo import ensure_demo_model
+from opd_cli.models.demo import arith_task, ensure_demo_model
 from opd_cli.models.student import adapter_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_path(name_or_path: str, cfg) -> str:
-    """``demo:<role>`` -> the demo model (built on first use); anything else unchanged."""
+    """``demo:<role>`` -> the demo model (built on first use); anything else unchanged.
+
+    The demo models are built on the arith task's data: a run of another task (an environment's, a
+    reasoning-gym family's) gets the arith preset's models, so every task of a run shares one demo."""
     if name_or_path.startswith("demo:"):
         role = name_or_path.removeprefix("demo:")
-        return str(ensure_demo_model(cfg.paths.models, cfg.demo, cfg.task, role))
+        task = cfg.task if cfg.task.name == "arith" else arith_task()
+        return str(ensure_demo_model(cfg.paths.models, cfg.demo, task, role))
     return str(Path(name_or_path).expanduser()) if looks_local(name_or_path) else name_or_path
 
 
