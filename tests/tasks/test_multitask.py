@@ -79,7 +79,29 @@ def test_a_task_preset_with_overrides_and_each_tasks_teacher():
             ["+multitask.tasks.x={task: env_demo, overrides: {env: {max_turns: 0}}}"],
             r"^multitask\.tasks\.x: task\.env\.max_turns: must be an integer >= 1",
         ),
-        ([*TWO, "teacher.prompt.system=Hint."], r"^teacher\.prompt: a multitask run's teachers score"),
+        (
+            [
+                "+multitask.tasks.a={task: arith}",
+                "+multitask.tasks.b={task: arith, overrides: {seed: 1}}",
+                "teacher.prompt.system=Hint.",
+            ],
+            r"^teacher\.prompt: a multitask run's teachers score",
+        ),  # fmt: skip
+        ([*TWO, "teacher.prompt.system=Hint."], r"^multitask\.tasks\.game: teacher\.prompt: the teacher scores an"),
+        (
+            [*TWO, "trainer=zero3"],
+            r"^multitask\.tasks\.game: trainer: an environment task cannot sample with a ZeRO-3 student",
+        ),
+        (
+            [
+                "+multitask.tasks.a={task: arith}",
+                "+multitask.tasks.b={task: arith, overrides: {seed: 1}}",
+                "multitask.mode=mixed",
+                "trainer=zero3",
+                "teacher.shard=true",
+            ],
+            r"^teacher\.shard: multitask\.mode=mixed scores each rank's rows by task",
+        ),  # fmt: skip
     ],
 )
 def test_bad_multitask_settings_are_one_line(overrides, error):

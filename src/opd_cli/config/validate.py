@@ -365,14 +365,16 @@ def check_env_task(task: Any) -> None:
     env_instances(task, env_factory(ec.name, dict(ec.args)))
 
 
-def check_env_run(cfg: Any) -> None:
-    """What an environment task cannot combine with: a data set's fixed responses, other prompt sources,
-    a teacher prompt of its own (the teacher reads the student's transcript as it is)."""
-    if cfg.task.name != "env":
+def check_env_run(cfg: Any, task: Any = None) -> None:
+    """What an environment task (``task``, default the run's) cannot combine with: a data set's fixed responses,
+    other prompt sources, a ZeRO-3 student sampling with HF, a teacher prompt of its own (the teacher reads the
+    student's transcript as it is)."""
+    task = cfg.task if task is None else task
+    if task.name != "env":
         return
     if cfg.rollout.engine in DATA_ENGINES:
         raise UserError(f"rollout.engine: an environment task samples its episodes; {cfg.rollout.engine} cannot")
-    if cfg.task.mix:
+    if task.mix:
         raise UserError("task.mix: an environment task's instances are its only prompts")
     if cfg.rollout.engine == "hf" and cfg.trainer.engine == "deepspeed" and zero_stage(cfg.trainer) == 3:
         # a sharded student samples in lockstep across ranks, but each rank's episodes take their own turns
@@ -393,6 +395,7 @@ def check_multitask_run(cfg: Any) -> None:
     for name, task in entries:
         try:
             check_training_task(task, episodes=True)
+            check_env_run(cfg, task)
         except UserError as e:  # name the entry: its task keys are the preset's and the overrides'
             raise UserError(f"multitask.tasks.{name}: {e}") from None
     if cfg.task.mix or any(task.mix for _, task in entries):
@@ -414,6 +417,9 @@ def check_multitask_run(cfg: Any) -> None:
         raise UserError(
             f"multitask.mode: mixed batches single-turn prompts; task '{env}' plays episodes (use alternate)"
         )
+    if cfg.multitask.mode == "mixed" and any(task_teacher(cfg, name).shard for name, _ in entries):
+        # each rank routes its own rows: a sharded teacher's ranks would not run the same forward passes
+        raise UserError("teacher.shard: multitask.mode=mixed scores each rank's rows by task; use an unsharded teacher")
     if cfg.multitask.mode == "mixed" and cfg.loss.outcome_weight:
         raise UserError("loss.outcome_weight: multitask.mode=mixed has no per-task outcome check; use alternate")
     if len(teachers) > 1 and "full" in make_objective(cfg.loss).teacher_needs:
