@@ -227,7 +227,12 @@ def sweep_points(args) -> list[dict]:
         return dict(sweep=sweep, engine="trl", loss=None, k=None, diag=None, tokens=tokens, vocab=vocab, hidden=hidden)
 
     points = [opd("tokens", loss, t) for t in args.tokens for loss, most in args.losses if most is None or t <= most]
-    points += [opd("tokens", loss, t, diag=0) for t in args.tokens for loss in args.nodiag_losses]
+    points += [
+        opd("tokens", loss, t, diag=0)
+        for t in args.tokens
+        for loss, most in args.nodiag_losses
+        if most is None or t <= most
+    ]
     points += [] if args.no_trl else [trl("tokens", t) for t in args.tokens]
     points += [opd("k", "topk_lsm", args.k_tokens, k=k) for k in args.ks]
     for sweep, values in (("hidden", args.hiddens), ("vocab", args.vocabs)):
@@ -453,6 +458,11 @@ def plots(report: dict, out: Path) -> list[str]:
     return names
 
 
+def capped(s: str) -> list[tuple[str, int | None]]:
+    """``name[:T],...`` -> (name, T or None) pairs: objectives, each run up to T tokens per step if T is given."""
+    return [(n.split(":")[0], int(n.split(":")[1]) if ":" in n else None) for n in s.split(",") if n]
+
+
 def parser() -> argparse.ArgumentParser:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -463,18 +473,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=ints, default=[512, 2048, 8192], help="response tokens per step")
     ap.add_argument(
         "--losses",
-        type=lambda s: [(n.split(":")[0], int(n.split(":")[1]) if ":" in n else None) for n in s.split(",")],
+        type=capped,
         default="topk_lsm,sampled_token:2048,full_rkl:2048",
-        help="opd-cli objectives of the tokens sweep; name:T runs that one up to T tokens per step only",
+        help="opd-cli objectives of the tokens sweep ('' none); name:T runs that one up to T tokens per step only",
     )
     ap.add_argument("--k", type=int, default=32, help="loss.k of the tokens sweep")
     ap.add_argument("--ks", type=ints, default=[1, 4, 16, 32, 64], help="K of the topk_lsm K sweep")
     ap.add_argument("--k-tokens", type=int, default=512, help="response tokens per step of the K sweep")
     ap.add_argument(
         "--nodiag-losses",
-        type=lambda s: [n for n in s.split(",") if n],
+        type=capped,
         default="topk_lsm",
-        help="objectives of the tokens sweep run again with logger.diagnostics_every=0 ('' none)",
+        help="objectives of the tokens sweep run again with logger.diagnostics_every=0 ('' none; name:T as --losses)",
     )
     ap.add_argument("--hiddens", type=ints, default=[], help="hidden sizes of the hidden sweep (multiples of 64)")
     ap.add_argument("--vocabs", type=ints, default=[], help="vocabulary sizes of the vocabulary sweep")

@@ -19,7 +19,8 @@ Two more play the built-in environment (``opd_cli.envs.demo``, reach a target nu
 on whole episodes rendered as a rollout renders them (``opd_cli.envs.rollout``), the loss on
 the action tokens only:
 
-- ``demo:env_teacher`` on the expert's episodes of the training instances: it plays well.
+- ``demo:env_teacher`` on the expert's episodes of the training instances, and on episodes where the expert
+  takes over from the student's kind of play (``recovering_policy``): it plays well, from any state.
 - ``demo:env_student`` is one student for the arith task and the environment at once: the demo
   student's arith data (random column sums) and episodes whose actions step the right way by a
   random digit: it writes both formats but neither adds nor plays well.
@@ -75,7 +76,7 @@ DEMO_ROLES = ("student", "teacher", "rule", "hint", *ENV_ROLES)
 ENV_STEPS = {"env_teacher": 1000, "env_student": 400}
 
 
-_ENV_RECIPE = 3  # bump when the environment roles' data changes (their names carry it, see env_tag)
+_ENV_RECIPE = 4  # bump when the environment roles' data changes (their names carry it, see env_tag)
 
 
 _BUILD_VERSION = 2  # bump when the build recipe changes, so stale caches are not reused
@@ -303,17 +304,23 @@ def play(
 EXPERT_TURNS = -(-DISTANCE[1] // 9)  # the most turns the expert takes on an instance
 
 
-def episode_transcript(tokenizer, episodes: EnvEpisodes, first: str, turns: list[tuple[str, str, bool]]) -> Transcript:
+def episode_transcript(
+    tokenizer, episodes: EnvEpisodes, first: str, turns: list[tuple[str, str, bool]], context_turns: int = 0
+) -> Transcript:
     """An episode's tokens as ``run_episodes`` builds them when the student writes these actions: the prompt
     ``fmt.first(first)``, then each action " add 9" and its stop string (action tokens), then, unless the
-    episode ended there, ``fmt.after(observation)``; each piece tokenized on its own."""
+    episode ended there, ``fmt.after(observation)``; each piece tokenized on its own. The first
+    ``context_turns`` actions are context (no loss), as observations are."""
     fmt = PlainFormat(cue=episodes.cue)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     out = Transcript(encode(fmt.first(first)), entropy=None)
-    for action, obs, done in turns:
+    for n, (action, obs, done) in enumerate(turns):
         ids = encode(" " + action + (episodes.stop or ""))
         ids += [] if episodes.stop else [tokenizer.eos_token_id]
-        out.add_action(ids, [0.0] * len(ids), None)
+        if n < context_turns:
+            out.add_observation(ids)
+        else:
+            out.add_action(ids, [0.0] * len(ids), None)
         if not done:
             out.add_observation(encode(fmt.after(obs)))
     return out
@@ -330,19 +337,43 @@ def wandering_policy(rng: random.Random) -> Policy:
     return act
 
 
+def recovering_policy(rng: random.Random, wander_turns: int) -> Policy:
+    """``wandering_policy``'s first ``wander_turns`` actions, then the expert's: episodes that show the expert
+    leaving the states a student reaches (an overshot target, an odd distance left)."""
+    wander, taken = wandering_policy(rng), []
+
+    def act(obs: str) -> str:
+        taken.append(obs)
+        return wander(obs) if len(taken) <= wander_turns else expert_action(obs)
+
+    return act
+
+
 def env_examples(tokenizer, episodes: EnvEpisodes, expert: bool) -> list[tuple[list[int], list[bool]]]:
     """SFT examples (token ids, loss on the action tokens) of one episode per training instance (those from
     ``n_eval`` on): the expert's (``expert_action``) or ``wandering_policy``'s, cut after the expert's most
     turns (``EXPERT_TURNS``: the wanderer learns its format and direction from them as well, in fewer tokens).
 
-    Episodes from starts closer than any instance (the last, exact step on its own) made the teacher learn
-    that step more slowly, not faster: they are left out."""
+    The teacher (``expert``) also gets a second episode per instance: the wanderer's first 1-3 turns as context
+    (no loss), then the expert's to the end (``recovering_policy``). A teacher trained on the expert's own
+    episodes only had never seen a state off its path, and there it told a student to keep adding (OPD then
+    drove the student to "add 9" every turn). Episodes from starts closer than any instance (the last, exact
+    step on its own) made the teacher learn that step more slowly, not faster: they are left out."""
     policy = expert_action if expert else wandering_policy(random.Random(episodes.seed + 1))
+    rng = random.Random(episodes.seed + 2)
     out = []
+
+    def add(t: Transcript) -> None:
+        out.append((t.prompt + t.tokens, [False] * len(t.prompt) + t.action))
+
     for i in range(episodes.n_eval, ReachTarget().num_instances(episodes.seed)):
         env = ReachTarget()
-        t = episode_transcript(tokenizer, episodes, *play(env, env.reset(episodes.seed, i), policy, EXPERT_TURNS))
-        out.append((t.prompt + t.tokens, [False] * len(t.prompt) + t.action))
+        add(episode_transcript(tokenizer, episodes, *play(env, env.reset(episodes.seed, i), policy, EXPERT_TURNS)))
+        if expert:
+            env, wander = ReachTarget(), rng.randint(1, 3)
+            first, turns = play(env, env.reset(episodes.seed, i), recovering_policy(rng, wander))
+            if len(turns) > wander and env.success():  # the expert acted, and won in the turns left
+                add(episode_transcript(tokenizer, episodes, first, turns, context_turns=wander))
     return out
 
 
