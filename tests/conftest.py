@@ -35,6 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)
 
+# matplotlib builds its font cache on first import by running `fc-list`; on a fresh machine that
+# would be the first plotting unit test, which may start no process. Build it here instead.
+import matplotlib.font_manager  # noqa: E402, F401
+
 # ----------------------------------------------------------------------------- tiers
 
 NOT_UNIT = ("cli", "integration", "gpu")
