@@ -13,7 +13,7 @@ COLD_START_NAME ?= demo
 TEST_WORKERS ?= 2
 COLD_START_DIR ?= outputs/cold_start/$(COLD_START_NAME)
 
-.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale cold-start opsd-rule opsd-answer multitask-demo
+.PHONY: help install run test test-fast lint format clean slurm-up train-slurm sweep-slurm serve-teacher sweep-k sweep-loss report eval study-variance bench bench-scale bench-scale-gpu cold-start opsd-rule opsd-answer multitask-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-13s %s\n", $$1, $$2}'
@@ -61,8 +61,19 @@ study-variance: $(STAMP) ## paper A's estimator-variance study: variance.json, p
 bench: $(STAMP) ## benchmarks: objective microbenchmark, one OPD step of opd-cli beside TRL's (outputs/bench/bench.{json,md})
 	$(PY) scripts/bench.py $(ARGS)
 
+# Qwen2.5-1.5B's shape (hidden 1536, MLP 8960, 12 heads of 128, 2 key-value heads, 28 layers, tied
+# embeddings) with random weights, both engines bf16-mixed with activation checkpointing, as the papers train
+BENCH_SCALE_GPU = --device cuda --hidden 1536 --intermediate 8960 --head-dim 128 --kv-heads 2 --layers 28 \
+	--save-dtype bfloat16 --budget-gb 80 --tokens 4096,16384,65536 \
+	--losses topk_lsm,sampled_token:4096,full_rkl:4096 --nodiag-losses topk_lsm:16384 --ks 1,64 --k-tokens 16384 \
+	--ratio-tokens 16384 --warmup 1 --steps 2 --out outputs/bench-scale-gpu
+BENCH_SCALE_GPU_OVERRIDES = model.dtype=bfloat16 teacher.dtype=bfloat16 trainer.gradient_checkpointing=true
+
 bench-scale: $(STAMP) ## one OPD step beside TRL's at Qwen's 151,936-token vocabulary, as tokens and K grow (outputs/bench-scale: json, md, png)
 	$(PY) scripts/bench_scale.py $(ARGS)
+
+bench-scale-gpu: $(STAMP) ## bench-scale on one GPU: Qwen2.5-1.5B's shape, bf16-mixed, checkpointing, 80 GB budget; ARGS adds flags and overrides (outputs/bench-scale-gpu)
+	$(PY) scripts/bench_scale.py $(BENCH_SCALE_GPU) $(BENCH_SCALE_GPU_OVERRIDES) $(ARGS)
 
 report: $(STAMP) ## plots and report.md for a run or sweep: REPORT_DIR=outputs/sweeps/sweep-k (default), ARGS="smooth=0.6 band=std"
 	$(VENV)/bin/opd-report $(REPORT_DIR) $(ARGS)

@@ -108,6 +108,7 @@ def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = Non
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
+    from opd_cli.config.validate import student_precision
     from opd_cli.models.loading import load_model, load_tokenizer, resolve_path
     from opd_cli.tasks.problems import load_problems
     from opd_cli.training.data import training_prompts
@@ -116,7 +117,11 @@ def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = Non
     tc, rc = cfg.trainer, cfg.rollout
     s_path, t_path = resolve_path(cfg.model.name_or_path, cfg), resolve_path(cfg.teacher.name_or_path, cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student = load_model(s_path, "model.name_or_path", cfg.model.dtype, device, cpu_linear=tc.cpu_linear)
+    # bf16-mixed as opd-train runs it: float32 weights and optimizer state, bfloat16 compute (TRL's bf16=True
+    # autocasts); bf16-pure: bfloat16 weights stepped directly
+    precision = student_precision(cfg)
+    s_dtype = "float32" if precision == "bf16-mixed" else cfg.model.dtype
+    student = load_model(s_path, "model.name_or_path", s_dtype, device, cpu_linear=tc.cpu_linear)
     teacher = load_model(t_path, "teacher.name_or_path", cfg.teacher.dtype, device, cpu_linear=tc.cpu_linear)
     tok = load_tokenizer(s_path, "model.name_or_path")
     tok.padding_side = "left"
@@ -140,8 +145,8 @@ def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = Non
         top_p=rc.top_p,
         top_k=0,
         max_completion_length=rc.max_new_tokens,
-        bf16=False,
-        gradient_checkpointing=False,
+        bf16=precision == "bf16-mixed",
+        gradient_checkpointing=tc.gradient_checkpointing,
         shuffle_dataset=False,
         logging_steps=1,
         report_to="none",
@@ -153,18 +158,23 @@ def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = Non
     phases = {p: [0.0] * total for p in PHASES}
     ends, lengths = [], []
 
+    def now() -> float:  # queued GPU work is charged to the phase that queued it
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            ends.append(time.perf_counter())
+            ends.append(now())
 
         def on_pre_optimizer_step(self, *a, **k):
-            self.t = time.perf_counter()
+            self.t = now()
 
         def on_optimizer_step(self, *a, **k):
-            phases["optimizer"][len(ends) - 1] += time.perf_counter() - self.t
+            phases["optimizer"][len(ends) - 1] += now() - self.t
 
         def on_step_end(self, *a, **k):
-            ends.append(time.perf_counter())
+            ends.append(now())
 
         def on_log(self, _args, _state, _control, logs=None, **k):
             if logs and "completions/mean_length" in logs:
@@ -177,10 +187,10 @@ def trl_worker(args, overrides: list[str], fixed: tuple[list, list] | None = Non
 
     def timed(name, fn, when=lambda *a, **k: True):
         def wrapper(*a, **k):
-            t0 = time.perf_counter()
+            t0 = now()
             out = fn(*a, **k)
             if when(*a, **k):
-                phases[name][len(ends) - 1] += time.perf_counter() - t0
+                phases[name][len(ends) - 1] += now() - t0
             return out
 
         return wrapper

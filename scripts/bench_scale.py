@@ -2,7 +2,7 @@
 
     python scripts/bench_scale.py [--tokens 512,2048,8192 --ks 1,4,16,32,64 --k-tokens 512 --budget-gb 16]
     python scripts/bench_scale.py --vocab 512 --hidden 64 --layers 1 --tokens 64 ...   (a tiny shape)
-    python scripts/bench_scale.py --device cuda ...   (on a GPU; peak GPU memory is recorded beside the RSS)
+    python scripts/bench_scale.py --device cuda ...   (on a GPU: make bench-scale-gpu; Hydra overrides may follow)
     python scripts/bench_scale.py --hiddens 448,896,1792 --vocabs 32768,151936   (+ the shape sweeps)
 
 ``make bench`` (scripts/bench.py) runs the demo models, whose vocabulary is 400 tokens; this
@@ -40,6 +40,15 @@ same step without the student's full-vocabulary diagnostics. The shape sweeps (o
 and TRL at ``--shape-tokens`` for each hidden size of ``--hiddens`` (the MLP scaled with it, as
 ``--intermediate 0`` does) and each vocabulary of ``--vocabs``, and fit each one's memory slope per
 token, to show which quantity the slope follows.
+
+On a GPU (``--device cuda``) a point's memory is the peak GPU memory torch reserved (the resident set is kept as
+``peak_rss_gb``), ``--budget-gb`` caps it (``torch.cuda.set_per_process_memory_fraction``; running out of memory
+records "does not fit"), every phase clock waits for queued GPU work, and each point gets the student update's
+model FLOPs utilization (``student_flops`` over the "student" phase, against ``--peak-tflops``). ``--head-dim`` and
+``--kv-heads`` give the attention's shape (Qwen2.5-1.5B: 128 and 2), ``--save-dtype`` the saved weights' dtype.
+Precision comes from the overrides: ``model.dtype=bfloat16`` trains bf16-mixed (float32 master weights), and TRL
+then gets the student in float32 with ``bf16=True``; ``trainer.precision=bf16-pure`` gives both sides bfloat16
+weights.
 """
 
 from __future__ import annotations
@@ -69,7 +78,8 @@ def shape(args, point: dict | None = None) -> tuple[int, int, int]:
 
 def model_dir(args, point: dict | None = None) -> Path:
     vocab, hidden, inter = shape(args, point)
-    return Path(args.out) / "models" / f"v{vocab}-h{hidden}-i{inter}-l{args.layers}"
+    heads = f"-d{args.head_dim}-kv{args.kv_heads}" if (args.head_dim, args.kv_heads) != (64, 2) else ""
+    return Path(args.out) / "models" / f"v{vocab}-h{hidden}-i{inter}-l{args.layers}{heads}"
 
 
 def make_models(args, point: dict | None = None) -> Path:
@@ -88,10 +98,10 @@ def make_models(args, point: dict | None = None) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[0], unk_token=SPECIAL[0]
     )
-    heads = hidden // 64
+    heads = hidden // args.head_dim
     config = Qwen2Config(
-        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=2 if heads % 2 == 0 else 1,
+        vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
+        num_attention_heads=heads, num_key_value_heads=args.kv_heads if heads % args.kv_heads == 0 else 1,
         max_position_embeddings=args.prompt_len + args.response_len, rope_theta=1e6, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
@@ -99,9 +109,14 @@ def make_models(args, point: dict | None = None) -> Path:
     for role, seed in (("student", 0), ("teacher", 1)):  # the teacher last: its config marks a complete build
         torch.manual_seed(seed)
         tmp = Path(tempfile.mkdtemp(dir=out))
-        Qwen2ForCausalLM(config).save_pretrained(tmp)
+        with torch.device(args.device):  # drawing a billion random weights is quicker on a GPU
+            model = Qwen2ForCausalLM(config).to(getattr(torch, args.save_dtype))
+        model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(out / role)
+        del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 
@@ -163,16 +178,41 @@ def overrides(args, point: dict) -> list[str]:
 
 
 def worker(args, point: dict) -> dict:
-    fixed = fixed_ids(args, point["tokens"], shape(args, point)[0])
-    if point["engine"] == "opd":
-        result = bench.opd_worker(args, overrides(args, point), rollout=FixedRollout(*fixed))
-    else:
-        result = bench.trl_worker(args, overrides(args, point), fixed=fixed)
+    """One point's steps (bench.py's summary input). On a GPU, peak memory is the memory torch reserved on it, and
+    the budget caps that: a point that runs out of it reports ``{"oom": ...}``."""
     import torch
 
-    if torch.cuda.is_available():
-        result["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.budget_gb * 2**30 / torch.cuda.mem_get_info()[1]))
+    fixed = fixed_ids(args, point["tokens"], shape(args, point)[0])
+    try:
+        if point["engine"] == "opd":
+            result = bench.opd_worker(args, overrides(args, point), rollout=FixedRollout(*fixed))
+        else:
+            result = bench.trl_worker(args, overrides(args, point), fixed=fixed)
+    except torch.OutOfMemoryError as e:
+        return {"oom": str(e).splitlines()[0], "reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    if cuda:
+        result["peak_rss_gb"] = result["peak_mem_gb"]
+        result["peak_mem_gb"] = torch.cuda.max_memory_reserved() / 2**30
+        result["gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return result
+
+
+def student_flops(args, point: dict) -> float:
+    """Model FLOPs of the student's forward and backward over one step's rows (prompt and response; activation
+    recomputation not counted): 6 per weight of every matrix product (the LM head included) per token, and causal
+    attention's score and value products."""
+    vocab, hidden, inter = shape(args, point)
+    prompts, responses = fixed_ids(args, point["tokens"], vocab)
+    rows, seq = len(responses), args.prompt_len + len(responses[0])
+    heads = hidden // args.head_dim
+    q = heads * args.head_dim
+    kv = (args.kv_heads if heads % args.kv_heads == 0 else 1) * args.head_dim
+    weights = args.layers * (2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter) + vocab * hidden
+    attention = args.layers * 2 * 2 * q * seq * seq / 2  # QK^T and PV per sequence, forward, causal half
+    return 3 * (2 * weights * rows * seq + attention * rows)
 
 
 def rss_bytes(pid: int) -> int:
@@ -201,7 +241,12 @@ def run_point(args, point: dict) -> dict:
         out.seek(0), err.seek(0)
         if proc.returncode != 0:
             sys.exit(f"bench-scale: the worker of {point} failed:\n{err.read()[-3000:]}")
-        result = bench.summarize(json.loads(out.read().strip().splitlines()[-1]))
+        raw = json.loads(out.read().strip().splitlines()[-1])
+        if "oom" in raw:
+            return {**point, "status": DOES_NOT_FIT, "rss_at_stop_gb": raw["reserved_gb"], "oom": raw["oom"]}
+        result = bench.summarize(raw)
+    if args.device == "cuda":  # model FLOPs utilization of the student's forward and backward
+        result["student_mfu"] = student_flops(args, point) / result["phase_s"]["student"] / (args.peak_tflops * 1e12)
     # the point's keys win: the summary's "engine" is a display name and its "tokens" the sum over timed steps
     return {**result, **point, "status": "ok", "wall_s": time.perf_counter() - t0}
 
@@ -339,6 +384,7 @@ def markdown(report: dict) -> str:
     from opd_cli.training.loop import PHASES
 
     a = report["analysis"]
+    mfu = any("student_mfu" in r for r in report["results"])
     out = [
         f"# make bench-scale ({report['machine']})",
         "",
@@ -348,18 +394,22 @@ def markdown(report: dict) -> str:
         "",
     ]
     out += [
-        "| sweep | engine | K | tokens/step | V | hidden | tokens/s | step s | " + " | ".join(PHASES) + " | peak GB |"
+        "| sweep | engine | K | tokens/step | V | hidden | tokens/s | step s | "
+        + " | ".join(PHASES)
+        + " | peak GB |"
+        + (" student MFU |" if mfu else "")
     ]
-    out.append("|---" * (len(PHASES) + 9) + "|")
+    out.append("|---" * (len(PHASES) + 9 + mfu) + "|")
     for r in report["results"]:
         head = f"| {r['sweep']} | {label(r)} | {r['k'] or ''} | {r['tokens']:,} | {r['vocab']:,} | {r['hidden']} |"
         if r["status"] != "ok":
             why = "predicted by a smaller point" if r.get("predicted") else f"stopped at {r['rss_at_stop_gb']:.1f} GB"
-            out.append(f"{head} {DOES_NOT_FIT} ({why}) |" + " |" * (len(PHASES) + 2))
+            out.append(f"{head} {DOES_NOT_FIT} ({why}) |" + " |" * (len(PHASES) + 2 + mfu))
             continue
         cells = " | ".join(f"{r['phase_s'][p]:.2f}" for p in PHASES)
         step = r["time_s"] / len(r["steps"])
-        out.append(f"{head} {r['tokens_per_s']:,.0f} | {step:.2f} | {cells} | {r['peak_mem_gb']:.2f} |")
+        util = f" {r['student_mfu']:.1%} |" if mfu else ""
+        out.append(f"{head} {r['tokens_per_s']:,.0f} | {step:.2f} | {cells} | {r['peak_mem_gb']:.2f} |{util}")
     out += ["", f"At {report['ratio_tokens']:,} response tokens per step, measured side by side:"]
     for x in a["ratios"]:
         out.append(
@@ -422,7 +472,7 @@ def plots(report: dict, out: Path) -> list[str]:
             mem.plot([r[x] for r in line], [r["peak_mem_gb"] for r in line], "o-", label=name)
             speed.plot([r[x] for r in line], [r["tokens_per_s"] for r in line], "o-", label=name)
         mem.axhline(report["budget_gb"], color="grey", ls="--", lw=1, label="budget")
-        for ax, ylabel in ((mem, "peak resident memory (GB)"), (speed, "tokens/s")):
+        for ax, ylabel in ((mem, f"peak {report.get('memory', 'resident memory')} (GB)"), (speed, "tokens/s")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
@@ -469,6 +519,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=896, help="a multiple of 64 (head size 64)")
     ap.add_argument("--intermediate", type=int, default=0, help="MLP width; 0: 4864 * hidden / 896")
+    ap.add_argument("--head-dim", type=int, default=64, help="attention head size (Qwen2.5-1.5B: 128)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key-value heads (1 where the heads are odd)")
+    ap.add_argument("--save-dtype", default="float32", help="dtype of the saved models' weights")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=ints, default=[512, 2048, 8192], help="response tokens per step")
     ap.add_argument(
@@ -497,7 +550,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--warmup", type=int, default=0, help="untimed steps first (0: a step's one-time costs are small here)"
     )
-    ap.add_argument("--device", default="cpu", help="trainer.device (cuda: TRL takes the GPU too)")
+    ap.add_argument(
+        "--device", default="cpu", help="trainer.device (cuda: TRL takes the GPU too; the budget caps GPU memory)"
+    )
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--out", default="outputs/bench-scale")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -506,21 +562,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = parser().parse_args()
+    args = parser().parse_intermixed_args()
     if args.worker:
         print(json.dumps(worker(args, json.loads(args.worker))))
         return
+    from opd_cli.config.validate import student_precision
+
     t0 = time.perf_counter()
+    cfg = bench.compose(args.overrides)
     results = measure(args)
+    memory = "GPU memory reserved by torch" if args.device == "cuda" else "resident memory"
+    mfu = f"; MFU against {args.peak_tflops:g} TFLOP/s" if args.device == "cuda" else ""
     report = {
         "machine": bench.machine(),
         "command": " ".join(["python scripts/bench_scale.py", *sys.argv[1:]]),
-        "setting": f"random Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, {args.layers} layers, tied "
-        f"embeddings, fp32 on {args.device}; teacher-forced fixed responses of {args.response_len} tokens "
-        f"(prompts {args.prompt_len}), one micro-batch; {args.warmup} warm-up + {args.steps} timed steps per "
-        f"point, each in a fresh process; budget {args.budget_gb} GB of resident memory; phases are seconds "
-        f"per step; whole run {time.perf_counter() - t0:.0f} s",
+        "setting": f"random Qwen2, vocabulary {args.vocab:,}, hidden {args.hidden}, heads of {args.head_dim}, "
+        f"{args.layers} layers, tied embeddings, {student_precision(cfg)} on {args.device}, gradient checkpointing "
+        f"{'on' if cfg.trainer.gradient_checkpointing else 'off'}; teacher-forced fixed responses of "
+        f"{args.response_len} tokens (prompts {args.prompt_len}), one micro-batch; {args.warmup} warm-up + "
+        f"{args.steps} timed steps per point, each in a fresh process; budget {args.budget_gb} GB of {memory}; "
+        f"phases are seconds per step{mfu}; whole run {time.perf_counter() - t0:.0f} s",
         "vocab": args.vocab,
+        "memory": memory,
         "budget_gb": args.budget_gb,
         "ratio_tokens": args.ratio_tokens,
         "results": results,

@@ -68,6 +68,7 @@ PLAN = {
     "make bench": ("covered", "tests/scripts/test_bench.py::test_bench_times_opd_cli_and_trl_steps_and_writes_the_tables"),
     'make bench ARGS="--steps 20 --losses topk_lsm"': ("covered", "tests/scripts/test_bench.py"),
     "make bench-scale": ("covered", "tests/scripts/test_bench.py (bench_scale.py at its smallest point, TRL included)"),
+    "make bench-scale-gpu": ("gpu", "one GPU with 80 GB free"),
     "python scripts/bench_engines.py --threads 1": (
         "covered", "tests/scripts/test_bench.py::test_bench_engines_times_each_phase_per_engine"),
     "opd-train trainer=zero3 trainer.nproc_per_node=8": ("gpu", "8 GPUs"),

@@ -152,3 +152,29 @@ def test_the_shape_sweeps_run_topk_lsm_and_trl_at_each_size_and_fit_the_slope_pe
     assert slopes["marginal"]["slope"] == pytest.approx(1000) and slopes["marginal"]["at_zero"] == pytest.approx(
         0, abs=1e-3
     )
+
+
+def test_student_flops_equal_torchs_count_of_a_forward_and_backward_less_the_masked_half_of_attention():
+    """The MFU numerator against torch's FLOP counter on the real model: a forward and backward of a tiny Qwen2 with
+    eager attention, which multiplies every query by every key; bench-scale counts the causal half only."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    bs = bench_scale_module()
+    args = bs.parser().parse_args(
+        "--vocab=300 --hidden=64 --intermediate=96 --head-dim=16 --kv-heads=2 --layers=2 --prompt-len=5 "
+        "--response-len=7".split()
+    )
+    point = {"tokens": 21, "vocab": 300, "hidden": 64}  # 3 rows of 5 + 7 tokens
+    config = Qwen2Config(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, attn_implementation="eager",
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    ids = torch.randint(3, 300, (3, 12))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.float().sum().backward()
+    rows, seq, layers, q = 3, 12, 2, 64
+    full_attention = 3 * layers * rows * 2 * 2 * seq * seq * q  # QK^T and PV, forward and backward
+    assert bs.student_flops(args, point) == pytest.approx(counter.get_total_flops() - full_attention / 2)
