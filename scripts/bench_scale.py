@@ -205,7 +205,7 @@ def student_flops(args, point: dict) -> float:
     recomputation not counted): 6 per weight of every matrix product (the LM head included) per token, and causal
     attention's score and value products."""
     vocab, hidden, inter = shape(args, point)
-    prompts, responses = fixed_ids(args, point["tokens"], vocab)
+    _, responses = fixed_ids(args, point["tokens"], vocab)
     rows, seq = len(responses), args.prompt_len + len(responses[0])
     heads = hidden // args.head_dim
     q = heads * args.head_dim
@@ -517,10 +517,10 @@ def parser() -> argparse.ArgumentParser:
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, default=151_936)
-    ap.add_argument("--hidden", type=int, default=896, help="a multiple of 64 (head size 64)")
+    ap.add_argument("--hidden", type=int, default=896, help="a multiple of --head-dim")
     ap.add_argument("--intermediate", type=int, default=0, help="MLP width; 0: 4864 * hidden / 896")
     ap.add_argument("--head-dim", type=int, default=64, help="attention head size (Qwen2.5-1.5B: 128)")
-    ap.add_argument("--kv-heads", type=int, default=2, help="key-value heads (1 where the heads are odd)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key-value heads (1 where this does not divide the heads)")
     ap.add_argument("--save-dtype", default="float32", help="dtype of the saved models' weights")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--tokens", type=ints, default=[512, 2048, 8192], help="response tokens per step")
