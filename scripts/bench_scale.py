@@ -76,10 +76,16 @@ def shape(args, point: dict | None = None) -> tuple[int, int, int]:
     return vocab, hidden, args.intermediate if own else 4864 * hidden // 896
 
 
+def heads(args, hidden: int) -> tuple[int, int]:
+    """Query and key-value heads of ``--head-dim`` each (one key-value head where ``--kv-heads`` does not divide)."""
+    n = hidden // args.head_dim
+    return n, args.kv_heads if n % args.kv_heads == 0 else 1
+
+
 def model_dir(args, point: dict | None = None) -> Path:
     vocab, hidden, inter = shape(args, point)
-    heads = f"-d{args.head_dim}-kv{args.kv_heads}" if (args.head_dim, args.kv_heads) != (64, 2) else ""
-    return Path(args.out) / "models" / f"v{vocab}-h{hidden}-i{inter}-l{args.layers}{heads}"
+    attn = f"-d{args.head_dim}-kv{args.kv_heads}" if (args.head_dim, args.kv_heads) != (64, 2) else ""
+    return Path(args.out) / "models" / f"v{vocab}-h{hidden}-i{inter}-l{args.layers}{attn}"
 
 
 def make_models(args, point: dict | None = None) -> Path:
@@ -98,10 +104,10 @@ def make_models(args, point: dict | None = None) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=SPECIAL[0], pad_token=SPECIAL[0], unk_token=SPECIAL[0]
     )
-    heads = hidden // args.head_dim
+    n_heads, n_kv = heads(args, hidden)
     config = Qwen2Config(
         vocab_size=n_vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=args.layers,
-        num_attention_heads=heads, num_key_value_heads=args.kv_heads if heads % args.kv_heads == 0 else 1,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv,
         max_position_embeddings=args.prompt_len + args.response_len, rope_theta=1e6, tie_word_embeddings=True,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
@@ -207,9 +213,7 @@ def student_flops(args, point: dict) -> float:
     vocab, hidden, inter = shape(args, point)
     _, responses = fixed_ids(args, point["tokens"], vocab)
     rows, seq = len(responses), args.prompt_len + len(responses[0])
-    heads = hidden // args.head_dim
-    q = heads * args.head_dim
-    kv = (args.kv_heads if heads % args.kv_heads == 0 else 1) * args.head_dim
+    q, kv = (n * args.head_dim for n in heads(args, hidden))
     weights = args.layers * (2 * hidden * q + 2 * hidden * kv + 3 * hidden * inter) + vocab * hidden
     attention = args.layers * 2 * 2 * q * seq * seq / 2  # QK^T and PV per sequence, forward, causal half
     return 3 * (2 * weights * rows * seq + attention * rows)
